@@ -1,0 +1,168 @@
+"""The reply contract between the server and the sites, defined once (plain Python and numpy; no flwr).
+
+Messages (Flower ``RecordDict``), by record name:
+
+Server -> site (train, evaluate):
+    ``"arrays"`` (ArrayRecord)   shared weights, state-dict keys of the shared group (``sharing.partition_state``).
+    ``"memory"`` (ArrayRecord)   ``{"slots": (2, K, S)}`` the global memory.
+    ``"config"`` (ConfigRecord)  keys in :data:`CONFIG_KEYS`.
+
+Site -> server, train reply:
+    ``"arrays"`` (ArrayRecord)   the site's trained shared weights (same keys; a histology-only site may omit the
+                                 paired-only keys).
+    ``"memory"`` (ArrayRecord)   ``ema`` mode: :data:`EMA_MEMORY_KEYS` = sums (2,K,S), counts (2,K), slides (2,K);
+                                 ``gradient`` mode: :data:`GRADIENT_MEMORY_KEYS` = slots (2,K,S), usage (2,K),
+                                 slides (2,K); absent in ``frozen`` mode.
+    ``"metrics"`` (MetricRecord) exactly :data:`TRAIN_METRIC_KEYS`.
+
+Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS`.
+
+Queries (before round 1, see ``kmeans``): :data:`QUERY_KMEANS_SEED` (server sends ``"arrays"``; reply
+``"kmeans"`` with :data:`KMEANS_KEYS` = the sums (2,K,S) and counts (2,K) of the site's own K local clusters per
+class), :data:`QUERY_KMEANS_STEP` (server sends ``"arrays"`` and ``"memory"`` slots; reply ``"kmeans"`` with the
+sums and counts of the points assigned to each slot), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the
+genomic moments of ``momkd_fed.data.omics``).
+
+Flower's built-in strategies need exactly one ArrayRecord and one MetricRecord per reply, the same metric keys
+from every site and a scalar ``num-examples``: every site therefore sends every metric key, NaN where a value is
+undefined (e.g. a one-class validation split).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+# ---- record names ------------------------------------------------------------------------------------------------
+ARRAYS_RECORD = "arrays"  # shared weights (Flower's default arrayrecord_key)
+MEMORY_RECORD = "memory"  # global memory (server -> site) or memory aggregates (site -> server)
+METRICS_RECORD = "metrics"  # MetricRecord of a reply
+CONFIG_RECORD = "config"  # ConfigRecord of a server message (Flower's default configrecord_key)
+KMEANS_RECORD = "kmeans"  # k-means statistics of a query reply
+OMICS_RECORD = "omics"  # genomic moments of a query reply
+
+# ---- memory record keys ------------------------------------------------------------------------------------------
+SLOTS = "slots"  # (2, K, S) slot vectors (global memory, or a site's trained slots in gradient mode)
+SUMS = "sums"  # (2, K, S) sums of the embeddings assigned to each slot (ema mode, k-means step)
+COUNTS = "counts"  # (2, K) number of embeddings summed per slot
+SLIDES = "slides"  # (2, K) number of distinct slides behind each slot aggregate (checked against min_slot_count)
+USAGE = "usage"  # (2, K) per-slot usage count weighting a site's trained slots (gradient mode)
+EMA_MEMORY_KEYS = (SUMS, COUNTS, SLIDES)
+GRADIENT_MEMORY_KEYS = (SLOTS, USAGE, SLIDES)
+MEMORY_KEYS_BY_MODE = {"ema": EMA_MEMORY_KEYS, "gradient": GRADIENT_MEMORY_KEYS, "frozen": ()}
+KMEANS_KEYS = (SUMS, COUNTS)  # k-means query replies (seed and step)
+
+# ---- config record keys (server -> site) -------------------------------------------------------------------------
+CFG_ROUND = "server-round"  # int, 1-based round (0 = before round 1)
+CFG_LR = "lr"  # float, local learning rate for this round
+CFG_LOCAL_EPOCHS = "local-epochs"  # int, local epochs this round
+CFG_MEMORY_UPDATE = "memory-update"  # str, "gradient" | "ema" | "frozen"
+CONFIG_KEYS = (CFG_ROUND, CFG_LR, CFG_LOCAL_EPOCHS, CFG_MEMORY_UPDATE)
+
+# ---- query names (Python identifiers: Flower custom actions) -----------------------------------------------------
+QUERY_KMEANS_SEED = "kmeans_seed"
+QUERY_KMEANS_STEP = "kmeans_step"
+QUERY_OMICS_MOMENTS = "omics_moments"
+
+# ---- metrics -----------------------------------------------------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # number of training slides (not batches); Flower's weighting key
+PAIRED = "paired"  # 1 if the site holds genomics (its genomic encoder was trained), else 0
+LOSS_TERMS = ("total", "ce", "mem", "align_omics", "align_wsi", "recon")  # the engine's named loss breakdown
+LOSS_KEYS = tuple(f"loss_{t}" for t in LOSS_TERMS)  # mean per training slide over the round
+VAL_AUC = "val_auc"  # histology-only validation AUC (classifier head); NaN for a one-class split
+VAL_AUC_MEMORY = "val_auc_memory"  # validation AUC of the head-free memory score delta(F_wsi)
+TRAIN_SECONDS = "train_seconds"  # wall seconds of local training
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, PAIRED, *LOSS_KEYS, VAL_AUC, VAL_AUC_MEMORY, TRAIN_SECONDS)
+
+TEST_AUC = "test_auc"  # histology-only test AUC (classifier head); NaN for a one-class split
+TEST_AUC_MEMORY = "test_auc_memory"  # test AUC of the memory score
+TEST_LOSS = "test_loss"  # mean test cross-entropy
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, TEST_AUC, TEST_AUC_MEMORY, TEST_LOSS)
+METRIC_KEYS = {"train": TRAIN_METRIC_KEYS, "evaluate": EVALUATE_METRIC_KEYS}
+
+
+def _check_metrics(values: Mapping[str, float], keys: tuple[str, ...], what: str) -> dict[str, float]:
+    missing = [k for k in keys if k not in values]
+    extra = [k for k in values if k not in keys]
+    if missing or extra:
+        raise KeyError(f"{what} metrics: missing {missing}, unknown {extra}; the contract is {list(keys)}")
+    out: dict[str, float] = {}
+    for k in keys:
+        v = values[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{what} metrics: {k!r} must be a number, got {type(v).__name__}")
+        out[k] = int(v) if k in (NUM_EXAMPLES, PAIRED) else float(v)
+    if out[NUM_EXAMPLES] < 0:
+        raise ValueError(f"{what} metrics: {NUM_EXAMPLES} must be >= 0, got {out[NUM_EXAMPLES]}")
+    return out
+
+
+def train_metrics(
+    num_examples: int,
+    paired: bool,
+    losses: Mapping[str, float],
+    val_auc: float = math.nan,
+    val_auc_memory: float = math.nan,
+    train_seconds: float = math.nan,
+) -> dict[str, float]:
+    """Build a train-reply metric dict with exactly :data:`TRAIN_METRIC_KEYS`.
+
+    Parameters
+    ----------
+    num_examples : int
+        Training slides seen this round (Flower's weighting key; not batches).
+    paired : bool
+        Whether the site holds genomics.
+    losses : mapping
+        The loss breakdown keyed by :data:`LOSS_TERMS` (a term absent from the breakdown, e.g. ``align_omics`` at
+        a histology-only site, must be given as 0.0 or NaN explicitly).
+
+    Raises
+    ------
+    KeyError
+        If a loss term is missing or unknown.
+    """
+    unknown = [t for t in losses if t not in LOSS_TERMS]
+    missing = [t for t in LOSS_TERMS if t not in losses]
+    if unknown or missing:
+        raise KeyError(f"loss breakdown: missing {missing}, unknown {unknown}; the contract is {list(LOSS_TERMS)}")
+    values = {NUM_EXAMPLES: num_examples, PAIRED: int(bool(paired)), VAL_AUC: val_auc,
+              VAL_AUC_MEMORY: val_auc_memory, TRAIN_SECONDS: train_seconds}
+    values.update({f"loss_{t}": float(v) for t, v in losses.items()})
+    return _check_metrics(values, TRAIN_METRIC_KEYS, "train")
+
+
+def evaluate_metrics(
+    num_examples: int, test_auc: float, test_auc_memory: float, test_loss: float
+) -> dict[str, float]:
+    """Build an evaluate-reply metric dict with exactly :data:`EVALUATE_METRIC_KEYS`."""
+    values = {NUM_EXAMPLES: num_examples, TEST_AUC: test_auc, TEST_AUC_MEMORY: test_auc_memory, TEST_LOSS: test_loss}
+    return _check_metrics(values, EVALUATE_METRIC_KEYS, "evaluate")
+
+
+def check_metrics(values: Mapping[str, float], kind: str) -> dict[str, float]:
+    """Check a received metric dict against the contract for ``kind`` ("train" or "evaluate")."""
+    return _check_metrics(values, METRIC_KEYS[kind], kind)
+
+
+# ---- numpy <-> torch ---------------------------------------------------------------------------------------------
+def to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Flatten a tensor dict into contiguous CPU numpy arrays (for ``ArrayRecord``), keys and order kept.
+
+    bfloat16 tensors (numpy has no bf16) are sent as float32.
+    """
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        out[k] = np.ascontiguousarray(t.numpy())
+    return out
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_numpy`: numpy arrays -> CPU tensors (copies, writable)."""
+    return {k: torch.from_numpy(np.array(a, copy=True)) for k, a in arrays.items()}

@@ -1,0 +1,69 @@
+"""The provisioned certificates and keys work with REAL Flower 1.42 processes on loopback.
+
+A TLS SuperLink with SuperNode authentication (coordinator bundle), the site key registered with the `flwr` CLI,
+a SuperNode with the site bundle that connects, and one with an unregistered key that is refused (exit 305).
+Also a check that the Control API cannot be used without the federation CA (TLS verification).
+"""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import urllib.error
+import urllib.request
+
+import pytest
+
+from client.deploy import EXIT_AUTH_REFUSED, flower_exit_code, start_supernode, supernode_command
+from momkd_fed.certs import provision
+from server.deploy import (FlowerProcess, LaunchError, flower_env, free_port, list_nodes, register_site_keys,
+                           start_superlink, write_flwr_config)
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flwr executables not on PATH")]
+
+
+def test_tls_superlink_accepts_registered_site_and_refuses_unregistered(tmp_path):
+    prov = provision(tmp_path / "certs", coordinator_hosts=["coord.example"], sites=["hospital_a", "intruder"])
+    port = free_port()
+    flwr_home = tmp_path / "flwr"
+    procs: list[FlowerProcess] = []
+    try:
+        link = start_superlink(prov.coordinator_dir, tmp_path / "state.db", tmp_path / "superlink.log",
+                               port=port, timeout=90)
+        procs.append(link)
+        write_flwr_config(flwr_home, f"127.0.0.1:{port}", prov.coordinator_dir / "ca.crt")
+        ids = register_site_keys(prov.coordinator_dir, flwr_home, sites=["hospital_a"])
+        assert isinstance(ids["hospital_a"], int)
+        # registering again is accepted (idempotent start of `momkd-fed server`)
+        assert register_site_keys(prov.coordinator_dir, flwr_home, sites=["hospital_a"]) == {"hospital_a": None}
+
+        node, node_id = start_supernode(prov.site_dirs["hospital_a"], tmp_path / "sn_a.log", timeout=90,
+                                        superlink=f"127.0.0.1:{port}", port=free_port(),
+                                        node_config={"site": "hospital_a"})
+        procs.append(node)
+        assert node_id == ids["hospital_a"]  # with authentication the node id is the registered one
+        status = {n["node-id"]: n["status"] for n in list_nodes(flwr_home)}
+        assert status[str(node_id)] == "online"
+
+        # the other site's key was never registered: refused with exit 305
+        argv = supernode_command(prov.site_dirs["intruder"], superlink=f"127.0.0.1:{port}", port=free_port())
+        intruder = FlowerProcess("supernode intruder", argv, tmp_path / "sn_x.log", flower_env())
+        procs.append(intruder)
+        assert intruder.wait_exit(timeout=90) != 0
+        assert flower_exit_code(intruder.output()) == EXIT_AUTH_REFUSED  # logged; the process status is 1
+        assert "No SuperNode found with the given public key" in link.output()
+        with pytest.raises(LaunchError, match="305"):
+            start_supernode(prov.site_dirs["intruder"], tmp_path / "sn_x2.log", timeout=90,
+                            superlink=f"127.0.0.1:{port}", port=free_port())
+
+        # TLS is real: a client that does not trust the federation CA cannot even reach the Control API
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=10,
+                                   context=ssl.create_default_context())
+        ok = ssl.create_default_context(cafile=str(prov.coordinator_dir / "ca.crt"))
+        assert urllib.request.urlopen(f"https://localhost:{port}/health", timeout=10, context=ok).status == 200
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    assert all(p.proc.poll() is not None for p in procs)
