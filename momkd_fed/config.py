@@ -135,6 +135,24 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """What leaves a site: minimum counts, differential privacy, reply validation, robust averaging, audit log."""
+
+    enabled: bool = False  # differential privacy: per-slide clipped, noised memory sums/counts (ema mode), update noise
+    min_slot_embeddings: int = 1  # a memory slot aggregate leaves a site only if it summarises >= this many embeddings
+    clip_norm: float = 1.0  # C: L2 bound on one slide's whole memory contribution (all slot sums and counts together)
+    noise_multiplier: float = 1.0  # sigma: Gaussian noise of std sigma*C on every released memory sum and count
+    delta: float = 1e-5  # delta of the reported (epsilon, delta) guarantee
+    update_clip_norm: float = 0.0  # C_w: the server clips each site's shared-weight update to this L2 norm (0 = off)
+    update_noise_multiplier: float = 0.0  # z_w: with enabled, noise z_w*C_w/n on the mean of n clipped updates
+    max_update_norm_factor: float = 20.0  # reject an update norm above this times the other sites' median (0 = off)
+    update_norm_floor: float = 1e-3  # never reject an update whose L2 norm is at most this
+    aggregator: Literal["mean", "median", "trimmed_mean"] = "mean"  # shared weights: slide-weighted mean, or robust
+    trim_fraction: float = 0.2  # trimmed_mean: drop ceil(fraction*n) lowest and highest per coordinate (<= (n-1)//2)
+    audit: bool = True  # each site appends what it sent per round to privacy_audit.jsonl in its state folder
+
+
+@dataclass
 class SiteConfig:
     """One hospital's local data (never sent)."""
 
@@ -156,6 +174,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sites: list[SiteConfig] = field(default_factory=list)
 
     def site(self, name: str) -> SiteConfig:

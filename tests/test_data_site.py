@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -94,15 +94,24 @@ def test_manifest_split_column_and_histology_only(tmp_path):
     assert {b.case_id for b in data.split("train")} == {f"CASE-{i:02d}" for i in range(8)}
 
 
-def test_cache_second_load_identical_and_notices_changes(tmp_path):
+def test_cache_second_load_identical_and_notices_changes(tmp_path, monkeypatch):
+    import momkd_fed.data.cache as cache_module
+
+    parsed: list[str] = []
+    real_parse = cache_module.parse_slide
+
+    def counting_parse(path, *args, **kwargs):
+        parsed.append(Path(path).stem)
+        return real_parse(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "parse_slide", counting_parse)
     site, cfg = make_site(tmp_path, n_cases=30)
-    t0 = time.perf_counter()
     first = load_site(site, cfg)
-    t_cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    n_files = len(list((tmp_path / "features").rglob("*.h5")))
+    assert len(parsed) == n_files  # the cold load parses every file once
+    parsed.clear()
     second = load_site(site, cfg)
-    t_warm = time.perf_counter() - t0
-    assert t_warm < t_cold
+    assert parsed == []  # the warm load parses nothing (speed itself: benchmarks/data_loading.py)
     for a, b in zip(first.bags, second.bags):
         assert a.slide_id == b.slide_id and a.split == b.split
         assert torch.equal(a.features, b.features) and torch.equal(a.coords, b.coords)
@@ -115,6 +124,7 @@ def test_cache_second_load_identical_and_notices_changes(tmp_path):
     new = np.full((6, D), 7.0, np.float32)
     write_trident_h5(path, new, np.arange(12).reshape(6, 2) * 256)
     third = load_site(site, cfg)
+    assert parsed == [target.slide_id]  # only the changed file is re-parsed
     got = next(b for b in third.bags if b.slide_id == target.slide_id)
     assert torch.equal(got.features, torch.from_numpy(new))
     others = [(a, b) for a, b in zip(first.bags, third.bags) if a.slide_id != target.slide_id]
