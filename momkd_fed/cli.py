@@ -117,8 +117,8 @@ def train(
         result = run_training(cfg, out, site=site, pooled=pooled)
     except MomkdError as exc:
         _fail(exc)
-    typer.echo(f"test AUC {result['test']['classifier']['auc']:.3f} (classifier), "
-               f"{result['test']['memory']['auc']:.3f} (memory score); wrote {out}")
+    heads = {name: m["auc"] for name, m in result["test"].items() if isinstance(m, dict) and "auc" in m}
+    typer.echo("test AUC " + ", ".join(f"{auc:.3f} ({name})" for name, auc in heads.items()) + f"; wrote {out}")
 
 
 @app.command()

@@ -1,0 +1,204 @@
+"""Histology-only inference with a trained checkpoint, and attention export for heat maps (h5 + QuPath GeoJSON).
+
+For each feature file: P(y=1) from the classifier head, the head-free memory score delta(F_wsi), the predicted
+label at the checkpoint's validation-chosen threshold, and the per-patch attention row-aligned with ``coords``.
+A slide that cannot be read is reported and skipped; the others complete.
+
+Outputs in ``out_dir``:
+
+- ``predictions.csv``: ``slide_id, probability, memory_score, label_pred`` (memory_score empty for ABMIL)
+- ``attention/<slide_id>.h5``: ``attention_scores`` (P,) float32, ``coords`` (P, 2) int64, attribute
+  ``patch_size_level0`` (CLAM heat-map layout)
+- ``attention/<slide_id>.geojson``: QuPath FeatureCollection, one square tile per patch with measurement
+  ``attention`` (in QuPath: Measure > Show measurement maps > attention)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .data.cache import parse_slide
+from .errors import DataError, MomkdError
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ("slide_id", "probability", "memory_score", "label_pred")
+
+
+@dataclass
+class PredictReport:
+    """What :func:`predict_paths` did.
+
+    Attributes
+    ----------
+    ok : list of dict, one per scored slide (the ``predictions.csv`` row plus ``path`` and ``num_patches``)
+    failed : list of (path, reason), slides skipped
+    notes : list of str, things the user should know (e.g. a GeoJSON not written)
+    """
+
+    ok: list[dict] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def feature_files(features: str | Path) -> list[Path]:
+    """The .h5 files to score: ``features`` itself, or every .h5 under a folder (recursively, sorted)."""
+    p = Path(features)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.h5") if f.is_file())
+        if not files:
+            raise DataError(str(p), "no .h5 feature files in this folder",
+                            "point at a TRIDENT features_<encoder>/ or CLAM h5_files/ folder")
+        return files
+    raise DataError(str(p), "feature file or folder not found", "check the path")
+
+
+def infer_patch_size(coords: np.ndarray) -> int:
+    """Grid step of level-0 coordinates (smallest positive gap along x or y); 0 when it cannot be told."""
+    gaps = []
+    for axis in (0, 1):
+        u = np.unique(coords[:, axis])  # sorted
+        d = np.diff(u)
+        if d.size:
+            gaps.append(int(d.min()))
+    return min(gaps) if gaps else 0
+
+
+def write_attention_h5(path: Path, attention: np.ndarray, coords: np.ndarray, patch_size_level0: int) -> None:
+    """CLAM-style heat-map file: ``attention_scores`` (P,) float32, ``coords`` (P, 2) int64 (atomic write)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("attention_scores", data=np.asarray(attention, dtype=np.float32))
+        c = f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64))
+        c.attrs["patch_size_level0"] = int(patch_size_level0)
+        f.attrs["patch_size_level0"] = int(patch_size_level0)
+    os.replace(tmp, path)
+
+
+def write_attention_geojson(path: Path, attention: np.ndarray, coords: np.ndarray, patch_size: int) -> None:
+    """QuPath GeoJSON: one ``tile`` Polygon per patch square [x, y, x+ps, y+ps] (level-0 pixels), with the
+    patch's attention as a QuPath measurement and as a plain property (atomic write)."""
+    features = []
+    for (x, y), a in zip(coords.tolist(), attention.tolist()):
+        ring = [[x, y], [x + patch_size, y], [x + patch_size, y + patch_size], [x, y + patch_size], [x, y]]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "tile",
+                "classification": {"name": "Attention", "color": [230, 60, 40]},
+                "measurements": {"attention": a},
+                "attention": a,
+            },
+        })
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"type": "FeatureCollection", "features": features}, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "memory_score": "" if r["memory_score"] is None else r["memory_score"]})
+    os.replace(tmp, path)
+
+
+def _threshold(meta: dict) -> float:
+    thr = meta.get("threshold")
+    if isinstance(thr, dict):
+        thr = thr.get("classifier")
+    return 0.5 if thr is None or not math.isfinite(float(thr)) else float(thr)
+
+
+@torch.no_grad()
+def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | Path, *, heatmaps: bool = False,
+                  device: str | None = None) -> PredictReport:
+    """Score one feature file or a folder of them with a checkpoint, histology-only.
+
+    Parameters
+    ----------
+    model_path : a checkpoint written by ``train`` or the federation (``model.pt``, ``global_model.pt``).
+    features : one TRIDENT/CLAM .h5 file, or a folder searched recursively for .h5 files.
+    out_dir : where ``predictions.csv`` and ``attention/`` are written (created).
+    heatmaps : also render PNG heat maps. Not implemented here yet (hook for the heat-map renderer); when True
+        a note is added to the report and the h5/GeoJSON attention files are written as always.
+    device : "cpu" or "cuda"; None = CUDA when available.
+
+    Returns
+    -------
+    PredictReport; ``failed`` non-empty means some slides were skipped (the CLI exits non-zero).
+
+    Raises
+    ------
+    CheckpointError, DataError
+        Unreadable checkpoint; missing features path or a folder without .h5 files.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, meta = load_model(model_path, map_location=dev)
+    threshold = _threshold(meta)
+    feature_dim = int(meta["feature_dim"])
+    files = feature_files(features)
+    out_dir = Path(out_dir)
+    att_dir = out_dir / "attention"
+    att_dir.mkdir(parents=True, exist_ok=True)
+    report = PredictReport()
+    seen: dict[str, Path] = {}
+    for path in files:
+        slide_id = path.stem
+        if slide_id in seen:
+            report.failed.append((str(path), f"duplicate slide id {slide_id!r} (also {seen[slide_id]})"))
+            continue
+        try:  # the same reading and graph rule as training (stored edge_index_k8 when knn_k == 8, else kNN)
+            sf = parse_slide(path, feature_dim, cfg.data.knn_k)
+        except (MomkdError, OSError) as exc:
+            report.failed.append((str(path), str(exc)))
+            log.warning("predict: skipping %s", exc)
+            continue
+        num_patches = int(sf.features.shape[0])
+        coords = sf.coords.numpy()  # (P, 2)
+        if num_patches == 0:
+            report.failed.append((str(path), "empty slide: no patches to score"))
+            continue
+        seen[slide_id] = path
+        feats = sf.features.to(dev)  # (P, D)
+        nbrs = sf.neighbors.to(dev)  # (P, k+1)
+        try:
+            out = model(feats, nbrs, None)
+        except torch.OutOfMemoryError as exc:
+            report.failed.append((str(path), f"out of memory with {num_patches} patches: {exc}"))
+            continue
+        prob = float(torch.softmax(out.logits.float(), dim=-1)[1])
+        mem = None if out.memory_score is None else float(out.memory_score)
+        attention = out.attention.float().cpu().numpy()  # (P,)
+        write_attention_h5(att_dir / f"{slide_id}.h5", attention, coords, sf.patch_size_level0)
+        ps = sf.patch_size_level0 or infer_patch_size(coords)
+        if ps > 0:
+            write_attention_geojson(att_dir / f"{slide_id}.geojson", attention, coords, ps)
+        else:
+            report.notes.append(f"{path}: patch size unknown and not inferable from one patch; no GeoJSON")
+        report.ok.append({"slide_id": slide_id, "probability": prob, "memory_score": mem,
+                          "label_pred": int(prob >= threshold), "path": str(path),
+                          "num_patches": num_patches})
+    _write_csv(out_dir / "predictions.csv", report.ok)
+    if heatmaps:
+        report.notes.append("heatmaps=True: PNG rendering is not available in this version; use the attention "
+                            "h5/GeoJSON files")
+    log.info("predict: %d slides scored, %d skipped -> %s", len(report.ok), len(report.failed), out_dir)
+    return report
