@@ -1,0 +1,131 @@
+"""The momkd-fed ClientApp: unpack the server's message, run the site's step, pack the reply.
+
+Handlers (message types):
+
+- ``train``: local training (:func:`client.local_round.train_round`); reply ``"arrays"`` (shared weights),
+  ``"memory"`` (memory aggregates), ``"metrics"`` (contract train metrics), ``"site"``.
+- ``evaluate``: histology-only test metrics of the global model (``"metrics"``) and of the personalised model
+  (``"metrics-personal"``). Only aggregate metrics leave the site, never per-slide outputs.
+- ``query.omics_moments``: genomic sums / sums of squares / count over the training cases.
+- ``query.kmeans_seed`` / ``query.kmeans_step``: federated k-means statistics for the initial memory.
+
+An exception in a handler becomes an error reply; the server logs it and aggregates the other sites.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from momkd_fed.device import set_threads
+from momkd_fed.federation import contract, kmeans
+
+from . import records as R
+from .local_round import GlobalModel, cached_kmeans_points, evaluate_round, kmeans_points, train_round
+from .run_config import split_run_config
+from .site_runtime import SiteRuntime, state_dir
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _runtime(context: Context) -> SiteRuntime:
+    cfg, opts = split_run_config(context.run_config)
+    if cfg.train.threads:
+        set_threads(cfg.train.threads)
+    elif "partition-id" in context.node_config:  # simulation: as many threads as CPUs given to a virtual client
+        set_threads(max(1, int(cfg.federation.client_cpus)))
+    return SiteRuntime.load(cfg, opts, context.node_config)
+
+
+def _config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(contract.CONFIG_RECORD, ConfigRecord())
+
+
+def _global(msg: Message) -> GlobalModel:
+    """Unpack shared weights, memory, genomic statistics and round settings from a server message."""
+    c = msg.content
+    cfg = _config(msg)
+    shared = R.from_record(c.array_records[contract.ARRAYS_RECORD]) if contract.ARRAYS_RECORD in c.array_records \
+        else {}
+    slots = None
+    if contract.MEMORY_RECORD in c.array_records:
+        slots = R.from_record(c.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
+    mean = std = None
+    if contract.OMICS_RECORD in c.array_records:
+        stats = c.array_records[contract.OMICS_RECORD]
+        mean, std = stats[R.NORM_KEYS[0]].numpy(), stats[R.NORM_KEYS[1]].numpy()
+    return GlobalModel(shared=shared, slots=slots, omics_mean=mean, omics_std=std,
+                       n_genes=int(cfg.get(R.CFG_N_GENES, 0)), round=int(cfg.get(contract.CFG_ROUND, 0)))
+
+
+def _site(rt: SiteRuntime) -> ConfigRecord:
+    n_genes = len(rt.data.genes) if rt.paired else 0
+    return R.site_record(rt.name, rt.paired, n_genes, len(rt.data.split("train")), len(rt.data.split("test")))
+
+
+def _state_dir(rt: SiteRuntime, context: Context, msg: Message):
+    return state_dir(context.node_config, rt.opts, rt.site, rt.cfg, str(_config(msg).get(R.CFG_RUN_KEY, "")))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training."""
+    rt = _runtime(context)
+    g = _global(msg)
+    cfg = _config(msg)
+    lr = float(cfg.get(contract.CFG_LR, rt.cfg.train.lr))
+    epochs = int(cfg.get(contract.CFG_LOCAL_EPOCHS, rt.cfg.federation.local_epochs))
+    shared, memory, metrics = train_round(rt, g, _state_dir(rt, context, msg), lr, epochs)
+    content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared),
+                          contract.METRICS_RECORD: R.metrics_record(metrics), R.SITE_RECORD: _site(rt)})
+    if memory:
+        content[contract.MEMORY_RECORD] = R.to_record(memory)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Histology-only test metrics of the global and the personalised model."""
+    rt = _runtime(context)
+    glob, pers = evaluate_round(rt, _global(msg), _state_dir(rt, context, msg))
+    content = RecordDict({contract.METRICS_RECORD: R.metrics_record(glob),
+                          R.PERSONAL_METRICS_RECORD: R.metrics_record(pers), R.SITE_RECORD: _site(rt)})
+    return Message(content, reply_to=msg)
+
+
+@app.query(contract.QUERY_OMICS_MOMENTS)
+def omics_moments(msg: Message, context: Context) -> Message:
+    """Genomic moments of the training cases (count 0 at a histology-only site) and who this site is."""
+    rt = _runtime(context)
+    m = rt.moments()
+    rec = R.to_record({"sum": m.sum.astype(np.float64), "sumsq": m.sumsq.astype(np.float64),
+                       "count": np.asarray([m.count], dtype=np.float64)})
+    return Message(RecordDict({contract.OMICS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
+
+
+@app.query(contract.QUERY_KMEANS_SEED)
+def kmeans_seed(msg: Message, context: Context) -> Message:
+    """Local spherical k-means of the initial patch projections, sent as cluster sums and counts."""
+    rt = _runtime(context)
+    points = kmeans_points(rt, _global(msg), _state_dir(rt, context, msg))
+    sums, counts = kmeans.local_kmeans_seed(points, rt.cfg.memory.slots, rt.cfg.memory.kmeans_iters,
+                                            seed=rt.cfg.train.seed, min_count=rt.cfg.federation.min_slot_count)
+    rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
+    return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
+
+
+@app.query(contract.QUERY_KMEANS_STEP)
+def kmeans_step(msg: Message, context: Context) -> Message:
+    """Assign the cached projections to the server's centroids; reply per-centroid sums and counts."""
+    rt = _runtime(context)
+    points = cached_kmeans_points(rt, _state_dir(rt, context, msg))
+    centroids = R.from_record(msg.content.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
+    sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count)
+    rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
+    return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
+

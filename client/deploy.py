@@ -1,0 +1,102 @@
+"""Launch a site's Flower SuperNode from its ``momkd-fed certs`` bundle and wait until the SuperLink accepts it.
+
+The process layer under ``momkd-fed client``: the exact ``flower-supernode`` command (TLS with the federation CA,
+the site's OpenSSH EC node key, node-config pointing at the local data), readiness and refusal detection. Runs
+Flower's executables; does not import flwr. Verified on loopback in tests/test_certs_flower.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from server.deploy import FlowerProcess, LaunchError, flower_env
+
+SUPERNODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")  # logged once the SuperLink activated this node
+EXIT_AUTH_REFUSED = 305  # Flower exit code logged when the SuperLink refuses the node (e.g. unregistered key)
+FLOWER_EXIT_CODE = re.compile(r"Exit Code: (\d+)")  # Flower logs its own code; the process itself exits with 1
+
+
+def flower_exit_code(log_text: str) -> int | None:
+    """The Flower exit code a process logged (``Exit Code: 305``), or None if it logged none."""
+    m = FLOWER_EXIT_CODE.search(log_text)
+    return int(m.group(1)) if m else None
+
+
+def read_bundle(bundle: Path) -> dict:
+    """The site bundle's ``bundle.json`` (site, superlink address, file names), with paths made absolute."""
+    bundle = Path(bundle).absolute()
+    path = bundle / "bundle.json"
+    if not path.is_file():
+        raise LaunchError(f"{path}: not found (fix: pass --certs the folder sites/<site> made by momkd-fed certs)")
+    info = json.loads(path.read_text())
+    for k in ("root_certificates", "private_key", "public_key"):
+        info[k] = str(bundle / info[k])
+    return info
+
+
+def node_config_arg(values: dict[str, str | int | float | bool]) -> str:
+    """Format ``--node-config``: space-separated ``key=value``, strings double-quoted (Flower's TOML-ish syntax)."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, str):
+            if '"' in v or "\\" in v:
+                raise LaunchError(f"node-config {k}={v!r}: quotes and backslashes are not allowed")
+            parts.append(f'{k}="{v}"')
+        elif isinstance(v, bool):
+            parts.append(f"{k}={'true' if v else 'false'}")
+        else:
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def supernode_command(bundle: Path, *, superlink: str | None = None, port: int = 9094,
+                      node_config: dict[str, str | int | float | bool] | None = None,
+                      max_retries: int | None = None, max_wait_time: float | None = None) -> list[str]:
+    """``flower-supernode`` for the site whose bundle is ``bundle`` (``out/sites/<site>``).
+
+    Parameters
+    ----------
+    superlink : str, optional
+        ``host:port`` of the coordinator's Fleet API; default: the address in ``bundle.json``.
+    port : int
+        The SuperNode's local Runtime API port (loopback; distinct per SuperNode on one host).
+    node_config : dict, optional
+        Site values for the ClientApp's ``context.node_config`` (e.g. ``{"site": "hospital_a", "config": PATH}``).
+    """
+    info = read_bundle(bundle)
+    argv = ["flower-supernode",
+            "--superlink", superlink or info["superlink"],
+            "--root-certificates", info["root_certificates"],
+            "--auth-supernode-private-key", info["private_key"],
+            "--port", str(port)]
+    if node_config:
+        argv += ["--node-config", node_config_arg(node_config)]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
+    return argv
+
+
+def start_supernode(bundle: Path, log_path: Path, *, timeout: float = 60.0, **kwargs) -> tuple[FlowerProcess, int]:
+    """Start the SuperNode and wait until the SuperLink has accepted it; return the process and its node id.
+
+    Raises LaunchError (with the log tail) if it exits first: exit code 305 means the SuperLink refused it, most
+    often because the coordinator has not registered this site's public key.
+    """
+    name = f"supernode {read_bundle(bundle)['site']}"
+    p = FlowerProcess(name, supernode_command(bundle, **kwargs), log_path, flower_env())
+    try:
+        m = p.wait_for(SUPERNODE_CONNECTED, timeout)
+    except LaunchError as exc:
+        p.stop()
+        if flower_exit_code(p.output()) == EXIT_AUTH_REFUSED:
+            raise LaunchError(f"{name}: the SuperLink refused this node (exit 305): is its public key registered "
+                              f"on the coordinator, and is this the right bundle?\n{p.tail(15)}") from exc
+        raise
+    except BaseException:
+        p.stop()
+        raise
+    return p, int(m.group(1))

@@ -1,0 +1,80 @@
+"""A site's private state between rounds, kept on the site's own disk.
+
+Flower starts a fresh ClientApp process for every message in a deployment, and a new run (a resume) gets an
+empty ``context.state``; so the site-private parameters (classifier head, attention temperature, genomic decoder
+by default) and the optimiser state are written after every local training round to
+``<state_dir>/round_NNNN.pt`` and read back at the next message:
+
+- train in round r reads the newest state of a round < r (the site may have skipped rounds);
+- evaluate in round r reads the newest state of a round <= r.
+
+A resumed run that restarts round N+1 therefore reads exactly what round N left, whatever a crashed round N+1
+may have written. The last :data:`KEEP` states are kept. Nothing here ever leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KEEP = 3  # newest round states kept on disk
+_NAME = re.compile(r"^round_(\d{4,})\.pt$")
+
+
+@dataclass
+class SiteState:
+    """What a site carries from one round to the next.
+
+    Attributes
+    ----------
+    round : int
+        The round whose local training produced it.
+    private : dict[str, Tensor]
+        Site-private state-dict entries (``sharing.partition_state(...).private``).
+    optimizer : dict
+        ``optimizer.state_dict()`` of the local AdamW.
+    """
+
+    round: int
+    private: dict[str, torch.Tensor]
+    optimizer: dict
+
+
+def _rounds(state_dir: Path) -> list[int]:
+    if not state_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in state_dir.iterdir() if (m := _NAME.match(p.name)))
+
+
+def save_site_state(state_dir: str | Path, state: SiteState) -> Path:
+    """Write ``state`` atomically as ``round_NNNN.pt``; prune all but the newest :data:`KEEP`."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / f"round_{state.round:04d}.pt"
+    tmp = state_dir / f".{path.name}.{os.getpid()}.tmp"
+    torch.save({"round": state.round, "private": {k: v.detach().cpu() for k, v in state.private.items()},
+                "optimizer": state.optimizer}, tmp)
+    os.replace(tmp, path)
+    for r in _rounds(state_dir)[:-KEEP]:
+        (state_dir / f"round_{r:04d}.pt").unlink(missing_ok=True)
+    return path
+
+
+def load_site_state(state_dir: str | Path, before_round: int, inclusive: bool = False) -> SiteState | None:
+    """The newest state of a round ``< before_round`` (``<=`` with ``inclusive``), or None if there is none."""
+    state_dir = Path(state_dir)
+    limit = before_round if inclusive else before_round - 1
+    rounds = [r for r in _rounds(state_dir) if r <= limit]
+    if not rounds:
+        return None
+    path = state_dir / f"round_{rounds[-1]:04d}.pt"
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    log.debug("site state: read %s", path)
+    return SiteState(round=int(raw["round"]), private=dict(raw["private"]), optimizer=raw["optimizer"])

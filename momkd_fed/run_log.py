@@ -1,0 +1,108 @@
+"""The files of a federated run folder that are not checkpoints: ``rounds.jsonl`` and ``summary.json``.
+
+Layout of a run folder (simulate and server)::
+
+    config.yaml          resolved config (written once at the start)
+    rounds.jsonl         one JSON object per completed round, appended and flushed as each round ends
+    summary.json         written at the end (atomically): rounds_completed, test_auc {pooled, <site>...}, ...
+    checkpoints/         round_NNNN.pt, self-describing (see server/run_outputs.py)
+    global_model.pt      the final global model, loadable by ``momkd-fed predict``
+
+JSON is strict: NaN and infinities are written as ``null``. Plain Python/numpy only (no flwr, no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROUNDS_FILE = "rounds.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+GLOBAL_MODEL_FILE = "global_model.pt"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def json_safe(x: Any) -> Any:
+    """NaN/inf -> None, numpy scalars/arrays -> Python, tuples -> lists, recursively."""
+    if isinstance(x, Mapping):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented strict JSON via a temp file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def append_round(run_dir: str | Path, row: Mapping[str, Any]) -> None:
+    """Append one round's JSON object to ``rounds.jsonl`` (one line, flushed and fsynced)."""
+    path = Path(run_dir) / ROUNDS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(json_safe(row), allow_nan=False)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_rounds(run_dir: str | Path) -> list[dict]:
+    """All complete rows of ``rounds.jsonl`` (a trailing partial line is ignored); [] if absent."""
+    return list(iter_rounds(Path(run_dir) / ROUNDS_FILE))
+
+
+def iter_rounds(path: Path, start: int = 0) -> Iterator[dict]:
+    """Rows of a rounds file from byte offset ``start``; only newline-terminated lines are parsed."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        f.seek(start)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            text = raw.decode().strip()
+            if text:
+                yield json.loads(text)
+
+
+def truncate_rounds(run_dir: str | Path, last_round: int) -> int:
+    """Keep only the rows with ``round <= last_round`` (used on resume); returns the rows kept."""
+    path = Path(run_dir) / ROUNDS_FILE
+    rows = [r for r in read_rounds(run_dir) if int(r.get("round", 0)) <= last_round]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return len(rows)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """``summary.json`` of a run folder, or None if the run has not finished."""
+    path = Path(run_dir) / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def slide_weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """``sum_s w_s v_s / sum_s w_s`` over the sites with a finite value and a positive weight; NaN if none."""
+    pairs = [(float(values[s]), float(weights.get(s, 0))) for s in values
+             if values[s] is not None and math.isfinite(float(values[s])) and float(weights.get(s, 0)) > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan

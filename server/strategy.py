@@ -1,0 +1,265 @@
+"""The momkd-fed strategy: Flower's FedAvgM, extended with the memory, paired-only averaging and site names.
+
+It keeps FedAvgM's role and hooks (``configure_train`` / ``aggregate_train`` / ``configure_evaluate`` /
+``aggregate_evaluate``, weighting by ``num-examples``, error replies logged and the rest aggregated) and changes
+what Flower's built-in cannot do:
+
+- messages also carry the global memory (``"memory"``), the genomic statistics (``"omics"``) and the run's
+  settings (``n-genes``, ``run-key``) in the ConfigRecord;
+- replies carry a second ArrayRecord (memory aggregates), which Flower's built-in aggregation rejects
+  (``InconsistentMessageReplies``): it is taken out and merged with ``momkd_fed.federation.memory_merge``;
+- shared weights are averaged by ``momkd_fed.federation.aggregate`` (the genomic encoder over paired sites only;
+  a histology-only site does not send it) and stepped with the same FedAvgM momentum rule as Flower's
+  (``FedAvgMState``, checkpointed with the model);
+- sites are sampled deterministically per round (seeded by ``train.seed`` and the round, over site names), so a
+  resumed run samples exactly what the uninterrupted one would have;
+- replies are sorted by site name before averaging, so float sums do not depend on arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvgM
+
+from momkd_fed.config import Config
+from momkd_fed.federation import contract
+from momkd_fed.federation.aggregate import SharedUpdate, aggregate_shared
+from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
+from momkd_fed.federation.replies import SiteReply, usable_replies
+from momkd_fed.federation.sharing import paired_only_keys
+
+from client import records as R
+from .run_outputs import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def nan_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Flower metric-aggregation hook: per key, the ``weight_key``-weighted mean over replies where it is finite.
+
+    (Flower's default propagates a NaN from one site, e.g. a one-class validation split, to the whole round.)
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for rd in records:
+        rec = next(iter(rd.metric_records.values()))
+        w = float(rec[weight_key])
+        for k, v in rec.items():
+            if k == weight_key or isinstance(v, list) or not math.isfinite(float(v)) or w <= 0:
+                continue
+            sums[k] = sums.get(k, 0.0) + w * float(v)
+            weights[k] = weights.get(k, 0.0) + w
+    keys = {k for rd in records for k in next(iter(rd.metric_records.values())) if k != weight_key}
+    return MetricRecord({k: (sums[k] / weights[k] if weights.get(k, 0.0) > 0 else math.nan) for k in sorted(keys)})
+
+
+def _np(tensors: dict) -> dict:
+    """Tensors -> numpy arrays (the memory dataclasses' ``from_arrays`` take record contents)."""
+    return {k: v.numpy() for k, v in tensors.items()}
+
+
+@dataclass
+class RoundInfo:
+    """What one round did, for ``rounds.jsonl``."""
+
+    sampled: list[str] = field(default_factory=list)
+    train: dict[str, dict] = field(default_factory=dict)  # site -> train metrics
+    evaluate: dict[str, dict] = field(default_factory=dict)  # site -> {"global": ..., "personal": ...}
+    bytes_sent: dict[str, int] = field(default_factory=dict)  # site -> bytes of arrays sent to it
+    bytes_received: dict[str, int] = field(default_factory=dict)  # site -> bytes of arrays it sent back
+    dropouts: list[dict] = field(default_factory=list)  # {"site", "phase", "reason"}
+    train_aggregate: dict = field(default_factory=dict)
+    evaluate_aggregate: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    frozen_keys: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class MomkdFedAvgM(FedAvgM):
+    """FedAvgM over the shared weights plus the federated memory (see the module docstring).
+
+    Parameters
+    ----------
+    cfg : Config
+        The run's config (sampling, momentum, memory mode, sharing policy).
+    state : ServerState
+        The server's state; updated in place by :meth:`aggregate_train`.
+    node_sites : dict[int, str]
+        Node id -> site name, learnt at setup (refreshed from every reply).
+    """
+
+    def __init__(self, cfg: Config, state: ServerState, node_sites: dict[int, str]) -> None:
+        fed = cfg.federation
+        super().__init__(fraction_train=fed.fraction_train, fraction_evaluate=1.0, min_train_nodes=fed.min_sites,
+                         min_evaluate_nodes=fed.min_sites, min_available_nodes=fed.min_sites,
+                         train_metrics_aggr_fn=nan_weighted_mean, evaluate_metrics_aggr_fn=nan_weighted_mean,
+                         server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
+        self.cfg = cfg
+        self.state = state
+        self.node_sites = node_sites
+        self.info = RoundInfo()
+        self.has_memory = state.slots is not None
+        self.memory_mode = cfg.memory.update if self.has_memory else "frozen"
+
+    # ---------------------------------------------------------------------------------------------------------
+    # messages
+
+    def _sample(self, server_round: int, grid: Grid, fraction: float, salt: int) -> list[int]:
+        """Deterministic sample of connected nodes: ``max(int(n * fraction), min_sites)`` of them."""
+        deadline = time.monotonic() + self.cfg.federation.round_timeout
+        while len(nodes := list(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} sites connected, federation.min_sites="
+                                   f"{self.min_available_nodes}")
+            time.sleep(1.0)
+        nodes = sorted(nodes, key=lambda n: (self.node_sites.get(n, "~"), n))
+        size = min(len(nodes), max(int(len(nodes) * fraction), self.min_train_nodes))
+        rng = random.Random(self.cfg.train.seed * 100_003 + server_round * 31 + salt)
+        return sorted(rng.sample(nodes, size), key=lambda n: (self.node_sites.get(n, "~"), n))
+
+    def _config(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord({contract.CFG_ROUND: server_round, contract.CFG_LR: float(self.cfg.train.lr),
+                             contract.CFG_LOCAL_EPOCHS: int(self.cfg.federation.local_epochs),
+                             contract.CFG_MEMORY_UPDATE: self.memory_mode, R.CFG_N_GENES: int(self.state.n_genes),
+                             R.CFG_RUN_KEY: self.state.run_key})
+
+    def _content(self, server_round: int, with_omics: bool) -> RecordDict:
+        content = RecordDict({contract.ARRAYS_RECORD: R.to_record(self.state.shared),
+                              contract.CONFIG_RECORD: self._config(server_round)})
+        if self.state.slots is not None:
+            content[contract.MEMORY_RECORD] = R.to_record({contract.SLOTS: self.state.slots})
+        if with_omics and self.state.omics_mean is not None and self.state.omics_std is not None:
+            content[contract.OMICS_RECORD] = R.to_record({R.NORM_KEYS[0]: self.state.omics_mean,
+                                                          R.NORM_KEYS[1]: self.state.omics_std})
+        return content
+
+    def _messages(self, content: RecordDict, nodes: list[int], message_type: str) -> list[Message]:
+        size = R.record_bytes(content)
+        for n in nodes:
+            site = self.node_sites.get(n, f"node-{n}")
+            self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
+        return list(self._construct_messages(content, nodes, message_type))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Messages for this round's sampled sites: shared weights, memory, genomic statistics, settings.
+
+        ``arrays`` and ``config`` (Flower's arguments) are ignored: the state is in ``self.state``.
+        """
+        self.info = RoundInfo()
+        nodes = self._sample(server_round, grid, self.cfg.federation.fraction_train, salt=0)
+        self.info.sampled = [self.node_sites.get(n, f"node-{n}") for n in nodes]
+        log.info("round %d: training at %s", server_round, self.info.sampled)
+        return self._messages(self._content(server_round, with_omics=True), nodes, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Evaluation messages to every connected site (shared weights, memory, settings)."""
+        nodes = self._sample(server_round, grid, 1.0, salt=1)
+        return self._messages(self._content(server_round, with_omics=False), nodes, MessageType.EVALUATE)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # replies
+
+    def _received(self, msg: Message, site: str) -> None:
+        if msg.has_content():
+            self.info.bytes_received[site] = self.info.bytes_received.get(site, 0) + R.record_bytes(msg.content)
+
+    def _site(self, msg: Message) -> str:
+        """Site of a reply: its "site" record, else what setup learnt about its node."""
+        if msg.has_content():
+            site = R.reply_site(msg)
+            self.node_sites[msg.metadata.src_node_id] = site
+            return site
+        return self.node_sites.get(msg.metadata.src_node_id, R.reply_site(msg))
+
+    def _unpack_train(self, msg: Message) -> SiteReply:
+        site = self._site(msg)
+        self._received(msg, site)
+        if msg.has_error():
+            return SiteReply(site=site, error=f"{msg.error.code}: {msg.error.reason}")
+        c = msg.content
+        memory = R.from_record(c.array_records[contract.MEMORY_RECORD]) if contract.MEMORY_RECORD in c.array_records \
+            else {}
+        metrics = dict(c.metric_records[contract.METRICS_RECORD]) if contract.METRICS_RECORD in c.metric_records \
+            else {}
+        shared = R.from_record(c.array_records[contract.ARRAYS_RECORD]) if contract.ARRAYS_RECORD in c.array_records \
+            else {}
+        return SiteReply(site=site, shared=shared, memory=memory, metrics=metrics)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Average the shared weights (paired-only keys over paired sites), FedAvgM step, merge the memory.
+
+        Updates ``self.state`` (shared, slots, momentum, round) and ``self.info``; returns the new shared
+        weights and the aggregated train metrics, or (None, None) when no reply was usable.
+        """
+        replies = sorted((self._unpack_train(m) for m in replies), key=lambda r: r.site)
+        st = self.state
+        po = paired_only_keys(st.shared, self.cfg.federation)
+        shape = tuple(st.slots.shape) if st.slots is not None else None
+        kept, dropped = usable_replies(replies, self.memory_mode, {k: tuple(v.shape) for k, v in st.shared.items()},
+                                       po, shape)
+        for site, why in dropped:
+            log.warning("round %d: dropping the train reply of %s: %s", server_round, site, why)
+            self.info.dropouts.append({"site": site, "phase": "train", "reason": why})
+        self.info.train = {r.site: contract.check_metrics(r.metrics, "train") for r in kept}
+        if not kept:
+            return None, None
+        avg = aggregate_shared(st.shared, [SharedUpdate(r.site, r.shared, r.num_examples, r.paired) for r in kept],
+                               po)
+        st.shared = st.momentum.step(st.shared, avg.weights, avg.frozen)
+        self.info.frozen_keys = len(avg.frozen)
+        if st.slots is not None and self.memory_mode != "frozen":
+            mu, floor = self.cfg.federation.memory_momentum, self.cfg.federation.min_slot_count
+            if self.memory_mode == "ema":
+                st.slots, merge = merge_memory(st.slots, [MemoryAggregate.from_arrays(_np(r.memory)) for r in kept], mu,
+                                               floor)
+            else:
+                st.slots, merge = merge_memory_slots(st.slots, [SlotUsage.from_arrays(_np(r.memory)) for r in kept], mu,
+                                                     floor)
+            self.info.memory = merge.as_metrics()
+        metrics = self.train_metrics_aggr_fn(
+            [RecordDict({contract.METRICS_RECORD: MetricRecord(r.metrics)}) for r in kept], self.weighted_by_key)
+        self.info.train_aggregate = dict(metrics)
+        return R.to_record(st.shared), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Per-site global and personalised test metrics; returns their slide-weighted means."""
+        good: dict[str, dict] = {}
+        for msg in sorted(replies, key=self._site):
+            site = self._site(msg)
+            self._received(msg, site)
+            if msg.has_error():
+                self.info.dropouts.append({"site": site, "phase": "evaluate",
+                                           "reason": f"{msg.error.code}: {msg.error.reason}"})
+                log.warning("round %d: evaluate error from %s: %s", server_round, site, msg.error.reason)
+                continue
+            try:
+                glob = contract.check_metrics(dict(msg.content.metric_records[contract.METRICS_RECORD]), "evaluate")
+                pers = contract.check_metrics(dict(msg.content.metric_records[R.PERSONAL_METRICS_RECORD]),
+                                              "evaluate")
+            except (KeyError, TypeError, ValueError) as exc:
+                self.info.dropouts.append({"site": site, "phase": "evaluate", "reason": str(exc)})
+                continue
+            good[site] = {"global": glob, "personal": pers}
+        self.info.evaluate = good
+        if not good:
+            return None
+        out = {}
+        for which in ("global", "personal"):
+            agg = self.evaluate_metrics_aggr_fn(
+                [RecordDict({contract.METRICS_RECORD: MetricRecord(v[which])}) for v in good.values()],
+                self.weighted_by_key)
+            out.update({f"{which}_{k}": float(v) for k, v in agg.items()})
+        self.info.evaluate_aggregate = out
+        return MetricRecord(out)
+

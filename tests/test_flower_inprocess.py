@@ -1,0 +1,234 @@
+"""The ClientApp, strategy and server loop on hand-built Flower Messages, all in this process (fast).
+
+``InProcessGrid`` stands in for Flower's Grid: it hands each Message to the real ClientApp (``client_app.app``)
+with a per-node Context (``partition-id`` as in simulation) and turns a raised exception into an error reply,
+as Flower's runtime does. Everything else -- records, strategy, federation maths, checkpoints, run files -- is
+the real code. The real simulation engine runs in tests/test_simulate_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client import records as R
+from client.client_app import app as client_app
+from client.run_config import RunOptions, make_run_config, split_run_config
+from client.site_state import SiteState, load_site_state, save_site_state
+from momkd_fed.config import load_config
+from momkd_fed.federation import contract
+from server import run_outputs
+from server.rounds import run_federation
+from server.strategy import nan_weighted_mean
+
+
+class InProcessGrid:
+    """A Flower ``Grid`` whose nodes are ClientApp calls in this process (node id = 100 + partition id)."""
+
+    def __init__(self, run_config: dict, n_nodes: int, fail: dict[tuple[int, str], str] | None = None) -> None:
+        self.run_config = run_config
+        self.nodes = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
+                                                                             "num-partitions": n_nodes},
+                                       state=RecordDict(), run_config=run_config) for i in range(n_nodes)}
+        self.fail = fail or {}  # (node, message type) -> reason: that node raises for that message type
+        self.sent: list[Message] = []
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            try:
+                if (node, msg.metadata.message_type) in self.fail:
+                    raise RuntimeError(self.fail[(node, msg.metadata.message_type)])
+                out.append(client_app(msg, self.nodes[node]))
+            except Exception as exc:  # the runtime turns a ClientApp exception into an error reply
+                out.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+        return out[::-1]  # arrival order must not matter
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from momkd_fed.synth import synthesize
+
+    torch.set_num_threads(1)
+    return synthesize("tiny", tmp_path_factory.mktemp("tiny") / "data", seed=0)
+
+
+def _run_config(tiny: Path, out: Path, rounds: int = 2, resume: bool = False, **over) -> dict:
+    cfg = load_config(tiny, {"federation.rounds": rounds, "memory.kmeans_iters": 3, **over})
+    return make_run_config(cfg, RunOptions(out_dir=str(out), resume=resume, state_dir=str(out / "site_state")))
+
+
+def test_run_config_round_trip(tiny, tmp_path):
+    rc = _run_config(tiny, tmp_path)
+    cfg, opts = split_run_config(rc)
+    assert opts.out_dir == str(tmp_path) and opts.state_dir.endswith("site_state") and not opts.resume
+    assert [s.name for s in cfg.sites] == ["hospital_a", "hospital_b", "hospital_c"]
+    with pytest.raises(Exception, match="run.bogus"):
+        split_run_config({**rc, "run.bogus": 1})
+
+
+def test_site_state_round_selection(tmp_path):
+    for r in (1, 2, 4):
+        save_site_state(tmp_path, SiteState(round=r, private={"w": torch.full((2,), float(r))}, optimizer={}))
+    assert load_site_state(tmp_path, 1) is None
+    assert load_site_state(tmp_path, 4).round == 2  # train in round 4 reads the newest < 4
+    assert load_site_state(tmp_path, 4, inclusive=True).round == 4  # evaluate reads <= 4
+    save_site_state(tmp_path, SiteState(round=5, private={}, optimizer={}))
+    assert sorted(p.name for p in tmp_path.glob("round_*.pt")) == ["round_0002.pt", "round_0004.pt", "round_0005.pt"]
+
+
+def test_nan_weighted_mean_skips_nan():
+    recs = [RecordDict({"m": R.metrics_record({"num-examples": 10, "a": 1.0, "b": math.nan})}),
+            RecordDict({"m": R.metrics_record({"num-examples": 30, "a": 3.0, "b": 2.0})})]
+    out = nan_weighted_mean(recs, "num-examples")
+    assert out["a"] == pytest.approx(2.5) and out["b"] == pytest.approx(2.0) and "num-examples" not in out
+
+
+def test_federation_in_process(tiny, tmp_path):
+    """Setup + 2 rounds through the real ClientApp: run files, contract replies, histology-only site."""
+    rc = _run_config(tiny, tmp_path)
+    grid = InProcessGrid(rc, 3)
+    cfg, opts = split_run_config(rc)
+    result = run_federation(grid, cfg, opts)
+
+    assert result["rounds_completed"] == 2
+    assert set(result["test_auc"]) == {"pooled", "hospital_a", "hospital_b", "hospital_c"}
+    assert all(v is None or 0.0 <= v <= 1.0 for v in result["test_auc"].values())
+    assert result["sites"]["hospital_c"]["paired"] is False and result["sites"]["hospital_a"]["paired"] is True
+    rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    r1 = rows[0]
+    # identical metric keys from every site; omics terms 0 at the histology-only site
+    assert {tuple(sorted(m)) for m in r1["train"].values()} == {tuple(sorted(contract.TRAIN_METRIC_KEYS))}
+    assert r1["train"]["hospital_c"]["loss_align_omics"] == 0.0 and r1["train"]["hospital_c"]["paired"] == 0
+    assert r1["train"]["hospital_a"]["loss_recon"] > 0.0
+    assert all(r1["bytes_sent"][s] > 0 and r1["bytes_received"][s] > 0 for s in r1["sampled"])
+    # a histology-only site does not send the genomic encoder
+    assert r1["bytes_received"]["hospital_c"] < r1["bytes_received"]["hospital_a"]
+    assert r1["memory"]["memory_slots_updated"] > 0 and r1["dropouts"] == []
+    assert (tmp_path / "global_model.pt").is_file() and (tmp_path / "config.yaml").is_file()
+    assert run_outputs.checkpoint_rounds(tmp_path) == [1, 2]
+    # site-private state stayed at the sites' state folders, one per round
+    assert len(list((tmp_path / "site_state" / "hospital_c").glob("*/round_0002.pt"))) == 1
+
+    from momkd_fed.checkpoint import load_model
+
+    model, _, meta = load_model(tmp_path / "global_model.pt")
+    assert meta["round"] == 2
+    st = run_outputs.load_latest(tmp_path, cfg)
+    assert torch.equal(model.state_dict()["memory.slots"], st.slots)
+
+    # every train message carried the genomic statistics; every reply named its site
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(contract.OMICS_RECORD in m.content.array_records for m in train_msgs)
+
+
+def test_error_reply_is_dropped_and_logged(tiny, tmp_path):
+    rc = _run_config(tiny, tmp_path, rounds=1)
+    grid = InProcessGrid(rc, 3, fail={(101, "train"): "disk on fire"})
+    cfg, opts = split_run_config(rc)
+    result = run_federation(grid, cfg, opts)
+    row = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
+    assert result["rounds_completed"] == 1
+    assert [d["phase"] for d in row["dropouts"]] == ["train"] and "disk on fire" in row["dropouts"][0]["reason"]
+    assert sorted(row["train"]) == ["hospital_a", "hospital_c"]
+
+
+def test_resume_equals_uninterrupted(tiny, tmp_path):
+    """Stop after round 1, resume to round 2 == two rounds without stopping (same seed), to 1e-6."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg, opts = split_run_config(_run_config(tiny, full, rounds=2))
+    run_federation(InProcessGrid(_run_config(tiny, full, rounds=2), 3), cfg, opts)
+
+    cfg1, opts1 = split_run_config(_run_config(tiny, part, rounds=1))
+    run_federation(InProcessGrid(_run_config(tiny, part, rounds=1), 3), cfg1, opts1)
+    rc2 = _run_config(tiny, part, rounds=2, resume=True)
+    cfg2, opts2 = split_run_config(rc2)
+    result = run_federation(InProcessGrid(rc2, 3), cfg2, opts2)
+    assert result["rounds_completed"] == 2
+
+    a, b = run_outputs.load_latest(full, cfg), run_outputs.load_latest(part, cfg2)
+    assert a.round == b.round == 2
+    for k in a.shared:
+        assert torch.allclose(a.shared[k], b.shared[k], atol=1e-6, rtol=0), k
+    assert torch.allclose(a.slots, b.slots, atol=1e-6, rtol=0)
+    rows = [json.loads(line) for line in (part / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    np.testing.assert_allclose(rows[1]["test_auc"]["hospital_a"],
+                               json.loads((full / "rounds.jsonl").read_text().splitlines()[1])["test_auc"]
+                               ["hospital_a"], atol=1e-9)
+
+
+def test_train_reply_shape_and_why_the_strategy_strips_memory(tiny, tmp_path):
+    """A site's train reply holds two ArrayRecords; Flower's own FedAvgM rejects that, ours aggregates it."""
+    from flwr.serverapp.strategy import FedAvgM
+
+    rc = _run_config(tiny, tmp_path, rounds=1)
+    grid = InProcessGrid(rc, 3)
+    cfg, opts = split_run_config(rc)
+    run_federation(grid, cfg, opts)  # setup + one round, to get real state folders and a real global model
+    st = run_outputs.load_latest(tmp_path, cfg)
+    from server.strategy import MomkdFedAvgM
+
+    strat = MomkdFedAvgM(cfg, st, {})
+    msgs = list(strat.configure_train(2, None, None, grid))
+    assert [m.metadata.dst_node_id for m in msgs] == [100, 101, 102]
+    replies = grid.send_and_receive(msgs)
+    for rep in replies:
+        c = rep.content
+        assert set(c.array_records) == {contract.ARRAYS_RECORD, contract.MEMORY_RECORD}
+        assert set(c.array_records[contract.MEMORY_RECORD]) == set(contract.GRADIENT_MEMORY_KEYS)
+        assert c.metric_records[contract.METRICS_RECORD][contract.NUM_EXAMPLES] == \
+            c.config_records[R.SITE_RECORD][R.SITE_TRAIN_SLIDES]  # num-examples = training slides
+    with pytest.raises(Exception, match="exactly one ArrayRecord"):
+        FedAvgM().aggregate_train(2, replies)
+    before = {k: v.clone() for k, v in st.shared.items()}
+    arrays, metrics = strat.aggregate_train(2, replies)
+    assert arrays is not None and metrics["loss_total"] > 0
+    # the genomic encoder moved (2 paired sites), and so did the histology encoder
+    po = [k for k in st.shared if k.startswith("omics_encoder.")]
+    assert po and not torch.equal(before[po[0]], st.shared[po[0]])
+    assert not torch.equal(before["patch_proj.weight"], st.shared["patch_proj.weight"])
+
+
+def test_ema_mode_and_withheld_slots(tiny, tmp_path):
+    """ema memory: sums/counts replies; a min_slot_count no site reaches withholds every slot (memory stays)."""
+    rc = _run_config(tiny, tmp_path, rounds=1, **{"memory.update": "ema", "federation.min_slot_count": 10_000})
+    grid = InProcessGrid(rc, 3)
+    cfg, opts = split_run_config(rc)
+    with pytest.raises(Exception, match="memory initialisation|non-empty local clusters"):
+        run_federation(grid, cfg, opts)  # k-means clusters are withheld too: the federation refuses to start
+    rc = _run_config(tiny, tmp_path, rounds=1, **{"memory.update": "ema", "federation.min_slot_count": 1})
+    cfg, opts = split_run_config(rc)
+    grid = InProcessGrid(rc, 3)
+    run_federation(grid, cfg, opts)
+    row = json.loads((tmp_path / "rounds.jsonl").read_text().splitlines()[0])
+    assert row["memory"]["memory_slots_updated"] > 0
+    train_replies = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train_replies
+
+
+def test_deployment_node_config_resolves_the_local_site(tiny):
+    from client.site_runtime import resolve_site
+
+    cfg = load_config(tiny)
+    site = resolve_site({"site": "hospital_b", "config-path": str(tiny)}, cfg.__class__())
+    assert site.name == "hospital_b" and site.manifest.endswith("manifest.csv")
+    assert resolve_site({"partition-id": 2}, cfg).name == "hospital_c"
+    with pytest.raises(Exception, match="partition-id=7"):
+        resolve_site({"partition-id": 7}, cfg)
+    with pytest.raises(Exception, match="no 'site' key"):
+        resolve_site({}, cfg)
