@@ -6,6 +6,16 @@
   private parts at their seeded initial values; its classifier counts only where the head is shared) and of the
   *personalised* model (the same plus this site's private head and temperature).
 - :func:`kmeans_points`: the patch projections the federated k-means initialisation clusters.
+- :func:`audit_reply`: one line of the site's privacy audit log for a query reply (k-means, genomic moments).
+
+Privacy (``momkd_fed.privacy``): what leaves a site in a train reply is decided here, once per round. The memory
+record is ``privacy.memory_release`` (ema mode: per-slide clipped, noised slot sums when ``privacy.enabled``,
+recorded per step by a ``SlotAccumulator`` *before* the ema memory moves; exact aggregates otherwise) or the
+trained slots through ``withhold_small_usage`` (gradient mode); the minimum counts
+(``federation.min_slot_count`` slides, ``privacy.min_slot_embeddings`` embeddings) apply always. The site's
+accountant is saved in its state folder before the reply leaves; with ``privacy.update_clip_norm`` the shared
+weights are sent with their update clipped; with ``privacy.audit`` every reply is described (shapes, norms,
+withheld slots, epsilon -- never values) in the local audit log.
 """
 
 from __future__ import annotations
@@ -19,13 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from momkd_fed.config import Config
+from momkd_fed.data.bag import Bag
 from momkd_fed.engine import evaluate, make_optimizer, train_epoch
-from momkd_fed.federation import contract, memory_merge
+from momkd_fed.federation import contract
+from momkd_fed.federation.memory_merge import SlotUsage
 from momkd_fed.federation.sharing import overlay_state, paired_only_keys, partition_state
 from momkd_fed.metrics import roc_auc
+from momkd_fed.privacy import (AuditLog, PrivacyAccountant, SlotAccumulator, assign_slots, audit_record,
+                               check_privacy, clip_shared_weights, dp_covers, memory_dp, memory_release,
+                               withhold_small_usage)
 
 from .site_runtime import SiteRuntime, site_seed
-from .site_state import SiteState, load_site_state, save_site_state
+from .site_state import ACCOUNTANT_FILE, SiteState, load_site_state, save_site_state
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +88,22 @@ def _stats(rt: SiteRuntime, g: GlobalModel) -> tuple[np.ndarray | None, np.ndarr
 
 def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, local_epochs: int
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
-    """Train locally for ``local_epochs`` and save the new private state.
+    """Train locally for ``local_epochs``, save the new private state, build the reply (privacy applied).
 
     Returns
     -------
     shared : dict[str, Tensor]
-        Trained shared weights (a histology-only site leaves out the paired-only keys).
+        Trained shared weights (a histology-only site leaves out the paired-only keys); with
+        ``privacy.update_clip_norm > 0`` the update ``shared - global`` is clipped to that L2 norm.
     memory : dict[str, Tensor]
-        Memory aggregates for the reply (:data:`contract.MEMORY_KEYS_BY_MODE`), under-populated slots withheld.
+        Memory record for the reply (:data:`contract.MEMORY_KEYS_BY_MODE`), slots below the minimum counts
+        withheld; clipped and noised under memory DP; empty in frozen mode or without a memory.
     metrics : dict[str, float]
-        Exactly :data:`contract.TRAIN_METRIC_KEYS`.
+        Exactly :data:`contract.TRAIN_METRIC_KEYS` (``privacy_epsilon`` NaN without memory DP).
     """
     t0 = time.perf_counter()
     cfg = rt.cfg
+    check_privacy(cfg)
     saved = load_site_state(state_dir, g.round)
     model = _assemble(rt, g, saved.private if saved else None)
     optimizer = make_optimizer(model, cfg.train)
@@ -99,12 +118,17 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     seed = site_seed(cfg.train.seed, g.round, rt.name)
     torch.manual_seed(seed)  # dropout
     gen = torch.Generator().manual_seed(seed)  # slide order, patch subsampling
-    if getattr(model, "has_memory", False):
+    has_memory = getattr(model, "has_memory", False)
+    if has_memory:
         model.memory.reset_aggregates()
+    acc = None
+    if has_memory and memory_dp(cfg):
+        acc = SlotAccumulator(model.memory.num_slots, int(model.memory.slots.shape[-1]), cfg.privacy.clip_norm)
     sums: dict[str, float] = {}
     slides = 0
     for _ in range(max(1, local_epochs)):
-        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device)
+        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device,
+                          on_step=_slot_recorder(model, acc) if acc is not None else None)
         slides += int(out.pop("num_slides"))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v / max(1, local_epochs)
@@ -117,24 +141,76 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     if not rt.paired:
         for k in paired_only_keys(shared, cfg.federation):
             del shared[k]
-    memory = _memory_reply(model, cfg.memory.update, cfg.federation.min_slot_count)
+    audit: dict = {"covers": dp_covers(cfg)}
+    if cfg.privacy.update_clip_norm > 0.0:
+        shared, norm = clip_shared_weights(shared, g.shared, cfg.privacy.update_clip_norm)
+        audit["extra"] = {"update_norm": norm, "update_clip_norm": cfg.privacy.update_clip_norm}
+    memory = _memory_reply(model, cfg, acc, state_dir, audit) if has_memory else {}
+    epsilon = float(audit["privacy"]["epsilon"]) if audit.get("privacy") else math.nan
     metrics = contract.train_metrics(
         num_examples=slides, paired=rt.paired, losses=losses, val_auc=_auc(val.labels, val.probs),
-        val_auc_memory=_auc(val.labels, val.memory_scores), train_seconds=time.perf_counter() - t0)
-    log.info("site %s round %d: %d slides, loss %.4f, val AUC %.3f", rt.name, g.round, slides,
-             losses["total"], metrics[contract.VAL_AUC])
+        val_auc_memory=_auc(val.labels, val.memory_scores), train_seconds=time.perf_counter() - t0,
+        privacy_epsilon=epsilon)
+    if cfg.privacy.audit:
+        records = {contract.ARRAYS_RECORD: shared, **({contract.MEMORY_RECORD: memory} if memory else {})}
+        extra = {**audit.get("extra", {}), "metrics": metrics}
+        AuditLog.in_folder(state_dir).append(audit_record(
+            g.round, rt.name, "train", records, withheld=audit.get("withheld"), clip=audit.get("clip"),
+            privacy=audit.get("privacy"), covers=audit["covers"], extra=extra))
+    log.info("site %s round %d: %d slides, loss %.4f, val AUC %.3f%s", rt.name, g.round, slides,
+             losses["total"], metrics[contract.VAL_AUC], f", epsilon {epsilon:.3g}" if math.isfinite(epsilon) else "")
     return shared, memory, metrics
 
 
-def _memory_reply(model: torch.nn.Module, mode: str, min_slot_count: int) -> dict[str, torch.Tensor]:
-    if not getattr(model, "has_memory", False) or mode == "frozen":
+def _slot_recorder(model: torch.nn.Module, acc: SlotAccumulator):
+    """``train_epoch`` hook: add the step's assigned embeddings to ``acc``, against the memory before it moves."""
+
+    def on_step(bag: Bag, out) -> None:
+        x = model.memory.assigned(out.patch_emb, out.omics_emb)  # (N, S) or None
+        if x is None:
+            return
+        y = int(bag.label)
+        acc.add_slide(assign_slots(x, model.memory.normalized()[y]), y, x, slide_id=bag.slide_id)
+
+    return on_step
+
+
+def _memory_reply(model: torch.nn.Module, cfg: Config, acc: SlotAccumulator | None, state_dir: Path,
+                  audit: dict) -> dict[str, torch.Tensor]:
+    """The reply's memory record; fills ``audit`` with what was withheld, clipped and spent."""
+    mode = cfg.memory.update
+    if mode == "frozen":
         return {}
-    agg = model.memory.aggregates()  # sums (2,K,S), counts (2,K), slides (2,K)
+    p = cfg.privacy
     if mode == "ema":
-        a = memory_merge.memory_aggregate_for_reply(agg, min_slot_count)
-        return {contract.SUMS: a.sums, contract.COUNTS: a.counts, contract.SLIDES: a.slides}
-    usage = memory_merge.slot_usage_for_reply(model.memory.slots, agg, min_slot_count)
+        accountant = None
+        if acc is not None:
+            accountant = PrivacyAccountant.load_or_new(state_dir / ACCOUNTANT_FILE, p.noise_multiplier, p.delta)
+        rel = memory_release(cfg, aggregates=model.memory.aggregates(), accumulator=acc, accountant=accountant)
+        if accountant is not None:
+            accountant.save(state_dir / ACCOUNTANT_FILE)  # before the reply leaves the site
+        audit.update(withheld=rel.withheld.as_dict(), clip=rel.clip.as_dict() if rel.clip else None,
+                     privacy=rel.privacy)
+        return rel.as_tensors()
+    agg = model.memory.aggregates()  # usage = patch projections assigned per slot this round
+    usage, withheld = withhold_small_usage(
+        SlotUsage(slots=model.memory.slots.detach().float().cpu(), usage=agg[contract.COUNTS].float().cpu(),
+                  slides=agg[contract.SLIDES].float().cpu()), cfg.federation.min_slot_count, p.min_slot_embeddings)
+    audit["withheld"] = withheld.as_dict()
     return {contract.SLOTS: usage.slots, contract.USAGE: usage.usage, contract.SLIDES: usage.slides}
+
+
+def audit_reply(rt: SiteRuntime, state_dir: Path, round_: int, kind: str, records: dict[str, dict]) -> None:
+    """Append what a query reply sends (``kind``: ``"kmeans_seed"``, ``"kmeans_step"``, ``"omics_moments"``)
+    to the site's audit log when ``privacy.audit`` is on; these releases are not covered by any epsilon.
+
+    Parameters
+    ----------
+    records : dict
+        Record name -> {key: array} exactly as sent.
+    """
+    if rt.cfg.privacy.audit:
+        AuditLog.in_folder(state_dir).append(audit_record(round_, rt.name, kind, records, covers=[]))
 
 
 def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> tuple[dict[str, float], dict[str, float]]:

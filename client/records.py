@@ -1,17 +1,9 @@
 """Packing tensors and statistics into Flower records and back (used by the ClientApp and the ServerApp).
 
-Record names and metric keys come from :mod:`momkd_fed.federation.contract`; the few names the Flower glue adds
-on top of it are defined here, once:
-
-- ``"site"`` (ConfigRecord, every site reply): :data:`SITE_NAME`, :data:`SITE_PAIRED`, :data:`SITE_GENES`,
-  :data:`SITE_TRAIN_SLIDES`, :data:`SITE_TEST_SLIDES` -- who replied (node ids are not stable across restarts).
-- ``"metrics-personal"`` (MetricRecord, evaluate reply): the personalised model's test metrics
-  (global shared weights + this site's private head and temperature), same keys as ``"metrics"``, which holds
-  the *global* model's test metrics.
-- ``"omics"`` (ArrayRecord): site -> server the genomic moments (:data:`MOMENT_KEYS`); server -> site the
-  federation's z-score statistics (:data:`NORM_KEYS`).
-- config keys :data:`CFG_N_GENES` (genes of the federation's genomic branch) and :data:`CFG_RUN_KEY` (identifies
-  the run across a resume, so a site finds its own private state again).
+Every record name, array key, metric key and config key is defined once, in :mod:`momkd_fed.federation.contract`
+(including the ones the Flower glue uses: the ``"site"`` ConfigRecord, ``"metrics-personal"``, the ``"omics"``
+moment / z-score keys, and the ``n-genes`` / ``run-key`` config keys); the names below are re-exported from
+there so that ``records.SITE_RECORD`` and ``contract.SITE_RECORD`` are the same object.
 """
 
 from __future__ import annotations
@@ -23,21 +15,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from momkd_fed.federation import contract
-
-SITE_RECORD = "site"
-SITE_NAME = "name"  # str
-SITE_PAIRED = "paired"  # bool: the site holds genomics
-SITE_GENES = "n-genes"  # int: genes of the site's genomic matrix (0 = histology-only)
-SITE_TRAIN_SLIDES = "train-slides"  # int
-SITE_TEST_SLIDES = "test-slides"  # int
-
-PERSONAL_METRICS_RECORD = "metrics-personal"
-
-MOMENT_KEYS = ("sum", "sumsq", "count")  # (G,), (G,), (1,) float64
-NORM_KEYS = ("mean", "std")  # (G,), (G,) float32
-
-CFG_N_GENES = "n-genes"  # int
-CFG_RUN_KEY = "run-key"  # str
+from momkd_fed.federation.contract import (CFG_N_GENES, CFG_RUN_KEY, MOMENT_KEYS, NORM_KEYS,  # noqa: F401
+                                           PERSONAL_METRICS_RECORD, SITE_GENES, SITE_NAME, SITE_PAIRED, SITE_RECORD,
+                                           SITE_TEST_SLIDES, SITE_TRAIN_SLIDES)
 
 
 def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:

@@ -10,6 +10,10 @@ by default) and the optimiser state are written after every local training round
 
 A resumed run that restarts round N+1 therefore reads exactly what round N left, whatever a crashed round N+1
 may have written. The last :data:`KEEP` states are kept. Nothing here ever leaves the site.
+
+The same folder holds the site's privacy files (``momkd_fed.privacy``): :data:`ACCOUNTANT_FILE`, the memory-DP
+budget spent in this run (saved before each train reply leaves; a re-run round is counted again, which only
+over-states the budget), and the audit log ``privacy_audit.jsonl`` (``privacy.audit.AUDIT_FILE``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 KEEP = 3  # newest round states kept on disk
+ACCOUNTANT_FILE = "privacy_accountant.json"  # the site's PrivacyAccountant (memory DP), never pruned
 _NAME = re.compile(r"^round_(\d{4,})\.pt$")
 
 

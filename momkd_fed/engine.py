@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from .config import Config, TrainConfig
 from .data.bag import Bag
 from .device import autocast_context
 from .metrics import binary_metrics
+
+if TYPE_CHECKING:
+    from .model.outputs import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +95,7 @@ def train_epoch(
     generator: torch.Generator,
     device: torch.device,
     progress: Callable[[int], None] | None = None,
+    on_step: Callable[[Bag, ModelOutput], None] | None = None,
 ) -> dict[str, float]:
     """Train one epoch, one slide per optimiser step.
 
@@ -103,6 +108,10 @@ def train_epoch(
         CPU generator for slide sampling and patch subsampling (seeded by the caller).
     progress : callable, optional
         Called with 1 after every slide.
+    on_step : callable, optional
+        Called as ``on_step(bag, out)`` after each ``optimizer.step()`` and *before* ``model.after_step`` (so an
+        ``ema`` memory has not yet moved: ``out`` is the step's ``ModelOutput`` and the memory is the one the
+        step's embeddings were scored against). Absent: behaviour unchanged.
 
     Returns
     -------
@@ -129,6 +138,8 @@ def train_epoch(
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
+        if on_step is not None:
+            on_step(bag, out)
         model.after_step(out, bag.label)
         for k, v in losses.as_floats().items():
             if v is None or not math.isfinite(v):

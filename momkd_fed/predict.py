@@ -30,6 +30,7 @@ import torch
 from .checkpoint import load_model
 from .data.cache import parse_slide
 from .errors import DataError, MomkdError
+from .report.heatmap import render_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | P
     model_path : a checkpoint written by ``train`` or the federation (``model.pt``, ``global_model.pt``).
     features : one TRIDENT/CLAM .h5 file, or a folder searched recursively for .h5 files.
     out_dir : where ``predictions.csv`` and ``attention/`` are written (created).
-    heatmaps : also render PNG heat maps. Not implemented here yet (hook for the heat-map renderer); when True
-        a note is added to the report and the h5/GeoJSON attention files are written as always.
+    heatmaps : also render each slide's attention over its patch grid as ``heatmaps/<slide_id>.png``.
     device : "cpu" or "cuda"; None = CUDA when available.
 
     Returns
@@ -193,12 +193,11 @@ def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | P
             write_attention_geojson(att_dir / f"{slide_id}.geojson", attention, coords, ps)
         else:
             report.notes.append(f"{path}: patch size unknown and not inferable from one patch; no GeoJSON")
+        if heatmaps:
+            render_heatmap(coords, attention, max(ps, 1), out_dir / "heatmaps" / f"{slide_id}.png", title=slide_id)
         report.ok.append({"slide_id": slide_id, "probability": prob, "memory_score": mem,
                           "label_pred": int(prob >= threshold), "path": str(path),
                           "num_patches": num_patches})
     _write_csv(out_dir / "predictions.csv", report.ok)
-    if heatmaps:
-        report.notes.append("heatmaps=True: PNG rendering is not available in this version; use the attention "
-                            "h5/GeoJSON files")
     log.info("predict: %d slides scored, %d skipped -> %s", len(report.ok), len(report.failed), out_dir)
     return report

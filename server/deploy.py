@@ -98,6 +98,16 @@ class FlowerProcess:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
+        self._seen: dict[int, str] = {}  # pid -> start time of every descendant seen by track()
+
+    def track(self) -> list[int]:
+        """Remember every process now below this one, so that :meth:`stop` finds it even after it was
+        re-parented (Flower's helpers outlive their parent); returns the live descendants."""
+        pids = _descendants(self.pid)
+        for pid in pids:
+            if pid not in self._seen:
+                self._seen[pid] = _start_time(pid)
+        return pids
 
     def output(self) -> str:
         """Everything the process has written so far."""
@@ -133,6 +143,7 @@ class FlowerProcess:
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the process and its descendants (by PID), SIGKILL what is left after ``timeout``."""
         pids = [self.pid, *_descendants(self.pid)] if self.proc.poll() is None else _descendants(self.pid)
+        pids += [pid for pid, t in self._seen.items() if pid not in pids and t and _start_time(pid) == t]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -159,6 +170,15 @@ class FlowerProcess:
         self.stop()
 
 
+def _start_time(pid: int) -> str:
+    """The start time of ``pid`` (clock ticks since boot, /proc), or "" if it is gone: tells a PID re-used by
+    another process apart from the one we saw."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _alive(pid: int, owner: FlowerProcess) -> bool:
     if pid == owner.pid:
         return owner.proc.poll() is None
@@ -173,28 +193,38 @@ def _alive(pid: int, owner: FlowerProcess) -> bool:
 # SuperLink
 
 
-def superlink_command(certs: Path, database: Path, *, host: str = "127.0.0.1", port: int = 8000,
-                      log_file: Path | None = None, install_dependencies: bool = False) -> list[str]:
+def superlink_command(certs: Path | None, database: Path, *, host: str = "127.0.0.1", port: int = 8000,
+                      log_file: Path | None = None, install_dependencies: bool = False,
+                      insecure: bool = False) -> list[str]:
     """``flower-superlink`` with TLS from the coordinator bundle, SuperNode authentication and a state database.
 
     Parameters
     ----------
-    certs : Path
+    certs : Path or None
         The coordinator bundle (``out/coordinator`` of ``momkd-fed certs``): server.crt, server.key, ca.crt.
+        Ignored (may be None) with ``insecure``.
     database : Path
         SQLite file for the SuperLink state (runs and registered nodes survive a restart).
     host, port : str, int
         Bind address. Keep ``127.0.0.1``: the Control API on the same port has no authentication; sites reach
         the Fleet API through the reverse proxy (deploy/nginx/momkd-fed.conf).
+    insecure : bool
+        Plain HTTP and **no SuperNode authentication** (Flower refuses ``--enable-supernode-auth`` without TLS):
+        any process that reaches the port can join. Testing only.
     """
-    certs = Path(certs).absolute()
-    argv = ["flower-superlink",
-            "--ssl-certfile", str(certs / "server.crt"),
-            "--ssl-keyfile", str(certs / "server.key"),
-            "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--enable-supernode-auth",
-            "--database", str(Path(database).absolute()),
-            "--host", host, "--port", str(port)]
+    if insecure:
+        argv = ["flower-superlink", "--insecure"]
+    else:
+        if certs is None:
+            raise LaunchError("superlink: no coordinator bundle given (fix: pass --certs DIR, the coordinator "
+                              "folder made by momkd-fed certs)")
+        certs = Path(certs).absolute()
+        argv = ["flower-superlink",
+                "--ssl-certfile", str(certs / "server.crt"),
+                "--ssl-keyfile", str(certs / "server.key"),
+                "--ssl-ca-certfile", str(certs / "ca.crt"),
+                "--enable-supernode-auth"]
+    argv += ["--database", str(Path(database).absolute()), "--host", host, "--port", str(port)]
     if not install_dependencies:
         argv.append("--disable-runtime-dependency-installation")
     if log_file is not None:
@@ -202,11 +232,12 @@ def superlink_command(certs: Path, database: Path, *, host: str = "127.0.0.1", p
     return argv
 
 
-def start_superlink(certs: Path, database: Path, log_path: Path, *, host: str = "127.0.0.1", port: int = 8000,
-                    timeout: float = 60.0, flwr_home: Path | None = None) -> FlowerProcess:
-    """Start the SuperLink and wait until it serves HTTPS."""
-    p = FlowerProcess("superlink", superlink_command(certs, database, host=host, port=port), log_path,
-                      flower_env(flwr_home))
+def start_superlink(certs: Path | None, database: Path, log_path: Path, *, host: str = "127.0.0.1",
+                    port: int = 8000, timeout: float = 60.0, flwr_home: Path | None = None,
+                    insecure: bool = False) -> FlowerProcess:
+    """Start the SuperLink and wait until it serves HTTPS (HTTP with ``insecure``)."""
+    p = FlowerProcess("superlink", superlink_command(certs, database, host=host, port=port, insecure=insecure),
+                      log_path, flower_env(flwr_home))
     try:
         p.wait_for(SUPERLINK_READY, timeout)
     except BaseException:
@@ -215,14 +246,18 @@ def start_superlink(certs: Path, database: Path, log_path: Path, *, host: str = 
     return p
 
 
-def write_flwr_config(flwr_home: Path, address: str, root_certificates: Path,
+def write_flwr_config(flwr_home: Path, address: str, root_certificates: Path | None,
                       name: str = CONNECTION_NAME) -> Path:
-    """Write ``$FLWR_HOME/config.toml`` with one TLS SuperLink connection ``name`` (the default) and return it."""
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection ``name`` (the default) and return it.
+
+    TLS verified against ``root_certificates``; ``None`` writes an insecure (plain HTTP) connection.
+    """
     flwr_home = Path(flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
-                    f'root-certificates = "{Path(root_certificates).absolute()}"\n')
+    tls = ("insecure = true\n" if root_certificates is None
+           else f'root-certificates = "{Path(root_certificates).absolute()}"\n')
+    path.write_text(f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n{tls}')
     return path
 
 

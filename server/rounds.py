@@ -4,6 +4,12 @@
 from the run folder's newest round checkpoint (same run key, so sites find their private state; rounds are
 re-numbered from there, sampling is seeded per round): a run stopped after round N and resumed ends with the
 same global weights as one that never stopped.
+
+Privacy: ``check_privacy(cfg)`` runs before anything is sent; each row of ``rounds.jsonl`` carries ``"rejected"``
+(site -> why its train reply was refused by validation) and ``"privacy"`` (``strategy.privacy_report``:
+``epsilon`` = max over sites, ``epsilon_by_site``, ``delta``, ``covers``); ``summary.json`` carries the final
+``"privacy"`` report. The server's update-DP accountant travels in the round checkpoints, so a resumed run
+continues the budget instead of restarting it.
 """
 
 from __future__ import annotations
@@ -19,13 +25,14 @@ from momkd_fed.config import Config, dump_yaml
 from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.sharing import partition_state, validate_sharing
+from momkd_fed.privacy import check_privacy
 from momkd_fed.run_log import (CONFIG_FILE, append_round, read_rounds, slide_weighted_mean, truncate_rounds,
                                write_json_atomic, SUMMARY_FILE)
 
 from client.run_config import RunOptions
 from client.site_runtime import build_initial_model
 from . import run_outputs, setup_rounds
-from .strategy import MomkdFedAvgM, RoundInfo
+from .strategy import MomkdFedAvgM, RoundInfo, privacy_report
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +52,8 @@ def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds
     return run_outputs.ServerState(
         round=0, shared={k: v.clone() for k, v in part.shared.items()}, slots=slots,
         momentum=FedAvgMState(cfg.federation.server_lr, cfg.federation.server_momentum), n_genes=roster.n_genes,
-        omics_mean=roster.omics_mean, omics_std=roster.omics_std, run_key=run_key, sites=roster.sites)
+        omics_mean=roster.omics_mean, omics_std=roster.omics_std, run_key=run_key, sites=roster.sites,
+        accountant=run_outputs.new_accountant(cfg))
 
 
 def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[str, dict]) -> dict:
@@ -68,6 +76,8 @@ def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[
         "bytes_sent": info.bytes_sent,
         "bytes_received": info.bytes_received,
         "dropouts": info.dropouts,
+        "rejected": info.rejected,
+        "privacy": info.privacy,
         "paired_sites": sorted(s for s, v in sites.items() if v.get("paired")),
     }
 
@@ -99,6 +109,8 @@ def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds:
         "bytes_sent": sum(sum(r.get("bytes_sent", {}).values()) for r in rows),
         "bytes_received": sum(sum(r.get("bytes_received", {}).values()) for r in rows),
         "dropouts": sum(len(r.get("dropouts", [])) for r in rows),
+        "rejected": sum(len(r.get("rejected", {})) for r in rows),
+        "privacy": privacy_report(cfg, state),
         "seconds": seconds,
         "run_key": state.run_key,
         "baselines": {},
@@ -119,6 +131,7 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
         A round in which no site sent a usable training reply.
     """
     t_start = time.perf_counter()
+    check_privacy(cfg)
     if not opts.out_dir:
         raise ValueError("run.out-dir: the run-config names no run folder")
     run_dir = Path(opts.out_dir)

@@ -3,7 +3,8 @@
 A round checkpoint is a regular momkd-fed checkpoint (``momkd_fed.checkpoint``: weights, config, dims, versions)
 of the *global model* -- the seeded initial model with the global shared weights and the global memory put in
 place (site-private parts at their initial values) -- plus, under ``extra``, everything the server needs to
-continue: the FedAvgM momentum, the genomic statistics, the run key and the round's metrics. It is therefore
+continue: the FedAvgM momentum, the genomic statistics, the run key, the round's metrics and the privacy budget
+spent so far (the server's update-DP accountant and each site's last reported memory epsilon). It is therefore
 both resumable and loadable by ``momkd-fed predict``.
 """
 
@@ -24,6 +25,7 @@ from momkd_fed.config import Config
 from momkd_fed.errors import CheckpointError
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.memory_merge import SLOTS_KEY
+from momkd_fed.privacy import PrivacyAccountant, update_dp
 from momkd_fed.run_log import CHECKPOINT_DIR, GLOBAL_MODEL_FILE
 
 from client.site_runtime import build_initial_model
@@ -56,6 +58,10 @@ class ServerState:
         Identifies the run across a resume (sites key their private state by it).
     sites : dict[str, dict]
         What each site said about itself at setup (paired, slides).
+    accountant : PrivacyAccountant or None
+        The server's accountant of the shared-weight update noise (update DP only; stepped once per round).
+    site_epsilon : dict[str, float]
+        Site -> its cumulated memory-DP epsilon as last reported (``privacy_epsilon`` train metric).
     """
 
     round: int
@@ -67,6 +73,15 @@ class ServerState:
     omics_std: np.ndarray | None
     run_key: str
     sites: dict[str, dict] = field(default_factory=dict)
+    accountant: PrivacyAccountant | None = None
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+
+
+def new_accountant(cfg: Config) -> PrivacyAccountant | None:
+    """The server's update-DP accountant (None unless ``privacy.enabled`` with update noise)."""
+    if not update_dp(cfg):
+        return None
+    return PrivacyAccountant(cfg.privacy.update_noise_multiplier, cfg.privacy.delta)
 
 
 def global_model(cfg: Config, state: ServerState) -> torch.nn.Module:
@@ -89,6 +104,8 @@ def _save(path: Path, cfg: Config, state: ServerState, metrics: dict | None, kin
         omics_norm=norm,
         extra={"round": state.round, "metrics": metrics or {}, "kind": kind, "run_key": state.run_key,
                "server_momentum": state.momentum.state_dict(), "sites": state.sites,
+               "privacy": {"update_accountant": state.accountant.state_dict() if state.accountant else None,
+                           "site_epsilon": dict(state.site_epsilon)},
                "threshold": {"classifier": 0.5, "memory": 0.0}})
 
 
@@ -141,6 +158,12 @@ def load_latest(run_dir: str | Path, cfg: Config) -> ServerState | None:
                               f"the run's config.yaml")
     norm = ckpt.get("omics_norm")
     mom = extra.get("server_momentum") or {}
+    privacy = extra.get("privacy") or {}
+    accountant = new_accountant(cfg)
+    if accountant is not None and privacy.get("update_accountant"):
+        accountant.load_state_dict(privacy["update_accountant"])  # the budget already spent is kept
+        accountant.noise_multiplier = cfg.privacy.update_noise_multiplier  # future steps: current settings
+        accountant.delta = cfg.privacy.delta
     return ServerState(
         round=int(ckpt["round"]), shared=dict(part.shared), slots=sd.get(SLOTS_KEY),
         momentum=FedAvgMState.from_state_dict(mom) if mom else FedAvgMState(cfg.federation.server_lr,
@@ -148,7 +171,8 @@ def load_latest(run_dir: str | Path, cfg: Config) -> ServerState | None:
         n_genes=int(ckpt["n_genes"]),
         omics_mean=None if norm is None else norm["mean"].numpy(),
         omics_std=None if norm is None else norm["std"].numpy(),
-        run_key=str(extra["run_key"]), sites=dict(extra.get("sites") or {}))
+        run_key=str(extra["run_key"]), sites=dict(extra.get("sites") or {}), accountant=accountant,
+        site_epsilon={str(k): float(v) for k, v in (privacy.get("site_epsilon") or {}).items()})
 
 
 def clear_run_outputs(run_dir: str | Path) -> None:

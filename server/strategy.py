@@ -13,7 +13,18 @@ what Flower's built-in cannot do:
   (``FedAvgMState``, checkpointed with the model);
 - sites are sampled deterministically per round (seeded by ``train.seed`` and the round, over site names), so a
   resumed run samples exactly what the uninterrupted one would have;
-- replies are sorted by site name before averaging, so float sums do not depend on arrival order.
+- replies are sorted by site name before averaging, so float sums do not depend on arrival order;
+- privacy (``momkd_fed.privacy``): every train reply is validated (``validate_replies``: the contract, update
+  norms, memory plausibility -- a rejected reply is logged with its site and reason, recorded in
+  ``RoundInfo.rejected`` and left out while the round goes on); the shared weights are combined by
+  ``make_aggregator(cfg)`` (mean, median, trimmed mean, or the clipped DP mean) before the FedAvgM step; with
+  update DP a server ``PrivacyAccountant`` (``ServerState.accountant``, checkpointed) is stepped once per round.
+
+Privacy report of a round (``RoundInfo.privacy``, written to ``rounds.jsonl``): ``epsilon_by_site`` (each site's
+cumulated memory-DP epsilon as it last reported it in ``privacy_epsilon``), ``epsilon`` (their maximum; with update
+DP alone, the update epsilon), ``epsilon_update`` (the server's shared-weight epsilon, update DP only), ``delta``
+and ``covers`` (``dp_covers``). The memory epsilon is per slide of a site, the update epsilon per whole site: two
+separate guarantees, not composed into one number here.
 """
 
 from __future__ import annotations
@@ -31,10 +42,11 @@ from flwr.serverapp.strategy import FedAvgM
 
 from momkd_fed.config import Config
 from momkd_fed.federation import contract
-from momkd_fed.federation.aggregate import SharedUpdate, aggregate_shared
+from momkd_fed.federation.aggregate import SharedUpdate
 from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
-from momkd_fed.federation.replies import SiteReply, usable_replies
+from momkd_fed.federation.replies import SiteReply
 from momkd_fed.federation.sharing import paired_only_keys
+from momkd_fed.privacy import dp_covers, make_aggregator, memory_dp, update_dp, validate_replies
 
 from client import records as R
 from .run_outputs import ServerState
@@ -76,6 +88,8 @@ class RoundInfo:
     bytes_sent: dict[str, int] = field(default_factory=dict)  # site -> bytes of arrays sent to it
     bytes_received: dict[str, int] = field(default_factory=dict)  # site -> bytes of arrays it sent back
     dropouts: list[dict] = field(default_factory=list)  # {"site", "phase", "reason"}
+    rejected: dict[str, str] = field(default_factory=dict)  # site -> why its (non-error) train reply was rejected
+    privacy: dict = field(default_factory=dict)  # epsilon, epsilon_by_site, delta, covers (module docstring)
     train_aggregate: dict = field(default_factory=dict)
     evaluate_aggregate: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
@@ -108,6 +122,8 @@ class MomkdFedAvgM(FedAvgM):
         self.info = RoundInfo()
         self.has_memory = state.slots is not None
         self.memory_mode = cfg.memory.update if self.has_memory else "frozen"
+        self.memory_noised = self.memory_mode == "ema" and memory_dp(cfg)
+        self.aggregator = make_aggregator(cfg)
 
     # ---------------------------------------------------------------------------------------------------------
     # messages
@@ -206,16 +222,24 @@ class MomkdFedAvgM(FedAvgM):
         st = self.state
         po = paired_only_keys(st.shared, self.cfg.federation)
         shape = tuple(st.slots.shape) if st.slots is not None else None
-        kept, dropped = usable_replies(replies, self.memory_mode, {k: tuple(v.shape) for k, v in st.shared.items()},
-                                       po, shape)
+        kept, dropped = validate_replies(replies, st.shared, self.memory_mode, po, shape, self.cfg.privacy,
+                                         self.memory_noised)
+        errors = {r.site for r in replies if r.error is not None}
         for site, why in dropped:
             log.warning("round %d: dropping the train reply of %s: %s", server_round, site, why)
             self.info.dropouts.append({"site": site, "phase": "train", "reason": why})
+            if site not in errors:
+                self.info.rejected[site] = why
         self.info.train = {r.site: contract.check_metrics(r.metrics, "train") for r in kept}
+        self._record_epsilon(replies)
+        self.info.privacy = privacy_report(self.cfg, st)
         if not kept:
             return None, None
-        avg = aggregate_shared(st.shared, [SharedUpdate(r.site, r.shared, r.num_examples, r.paired) for r in kept],
-                               po)
+        avg = self.aggregator.aggregate(st.shared, [SharedUpdate(r.site, r.shared, r.num_examples, r.paired)
+                                                    for r in kept], po)
+        if st.accountant is not None:
+            st.accountant.step(1, self.cfg.privacy.update_noise_multiplier)
+            self.info.privacy = privacy_report(self.cfg, st)
         st.shared = st.momentum.step(st.shared, avg.weights, avg.frozen)
         self.info.frozen_keys = len(avg.frozen)
         if st.slots is not None and self.memory_mode != "frozen":
@@ -231,6 +255,17 @@ class MomkdFedAvgM(FedAvgM):
             [RecordDict({contract.METRICS_RECORD: MetricRecord(r.metrics)}) for r in kept], self.weighted_by_key)
         self.info.train_aggregate = dict(metrics)
         return R.to_record(st.shared), metrics
+
+    def _record_epsilon(self, replies: list[SiteReply]) -> None:
+        """Keep each replying site's reported memory epsilon (rejected replies too: their release happened)."""
+        for r in replies:
+            v = r.metrics.get(contract.PRIVACY_EPSILON) if r.error is None else None
+            try:
+                eps = float(v)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(eps) and eps >= 0.0:
+                self.state.site_epsilon[r.site] = eps
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-site global and personalised test metrics; returns their slide-weighted means."""
@@ -263,3 +298,15 @@ class MomkdFedAvgM(FedAvgM):
         self.info.evaluate_aggregate = out
         return MetricRecord(out)
 
+
+def privacy_report(cfg: Config, state: ServerState) -> dict:
+    """The privacy budget so far (module docstring): for ``rounds.jsonl`` and ``summary.json``."""
+    by_site = dict(sorted(state.site_epsilon.items()))
+    out = {"enabled": bool(cfg.privacy.enabled), "epsilon": max(by_site.values()) if by_site else math.nan,
+           "epsilon_by_site": by_site, "delta": cfg.privacy.delta, "covers": dp_covers(cfg)}
+    if update_dp(cfg) and state.accountant is not None:
+        out["epsilon_update"] = state.accountant.epsilon()
+        out["update_steps"] = state.accountant.steps
+        if not by_site:
+            out["epsilon"] = out["epsilon_update"]
+    return out

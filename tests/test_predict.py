@@ -84,12 +84,13 @@ def test_predict_folder_with_a_corrupt_file(tmp_path, name):
         assert feat0["properties"]["objectType"] == "tile"
 
 
-def test_single_file_threshold_and_heatmap_note(tmp_path):
+def test_single_file_threshold_and_heatmap(tmp_path):
     ckpt = _checkpoint(tmp_path, threshold=0.0)  # every slide predicted positive
     _slides(tmp_path, n=1)
     report = predict_paths(ckpt, tmp_path / "slide0.h5", tmp_path / "out", heatmaps=True)
     assert len(report.ok) == 1 and report.ok[0]["label_pred"] == 1 and not report.failed
-    assert any("heatmap" in n for n in report.notes)
+    png = tmp_path / "out" / "heatmaps" / "slide0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
 
 
 def test_empty_slide_is_reported(tmp_path):

@@ -15,13 +15,19 @@ Site -> server, train reply:
                                  slides (2,K); absent in ``frozen`` mode.
     ``"metrics"`` (MetricRecord) exactly :data:`TRAIN_METRIC_KEYS`.
 
-Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS`.
+Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS` (the *global* model's
+test metrics) and ``"metrics-personal"`` (:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model,
+i.e. global shared weights + the site's private head and temperature).
+
+Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRecord (:data:`SITE_RECORD`, keys
+:data:`SITE_KEYS`): who replied (node ids are not stable across restarts).
 
 Queries (before round 1, see ``kmeans``): :data:`QUERY_KMEANS_SEED` (server sends ``"arrays"``; reply
 ``"kmeans"`` with :data:`KMEANS_KEYS` = the sums (2,K,S) and counts (2,K) of the site's own K local clusters per
 class), :data:`QUERY_KMEANS_STEP` (server sends ``"arrays"`` and ``"memory"`` slots; reply ``"kmeans"`` with the
 sums and counts of the points assigned to each slot), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the
-genomic moments of ``momkd_fed.data.omics``).
+genomic moments of ``momkd_fed.data.omics``: :data:`MOMENT_KEYS`). Server -> site train messages carry the
+federation's z-score statistics in ``"omics"`` under :data:`NORM_KEYS`.
 
 Flower's built-in strategies need exactly one ArrayRecord and one MetricRecord per reply, the same metric keys
 from every site and a scalar ``num-examples``: every site therefore sends every metric key, NaN where a value is
@@ -42,7 +48,21 @@ MEMORY_RECORD = "memory"  # global memory (server -> site) or memory aggregates 
 METRICS_RECORD = "metrics"  # MetricRecord of a reply
 CONFIG_RECORD = "config"  # ConfigRecord of a server message (Flower's default configrecord_key)
 KMEANS_RECORD = "kmeans"  # k-means statistics of a query reply
-OMICS_RECORD = "omics"  # genomic moments of a query reply
+OMICS_RECORD = "omics"  # genomic moments (query reply, MOMENT_KEYS) or z-score statistics (server, NORM_KEYS)
+SITE_RECORD = "site"  # ConfigRecord of every site reply: SITE_KEYS
+PERSONAL_METRICS_RECORD = "metrics-personal"  # evaluate reply: the personalised model's test metrics
+
+# ---- "site" record keys (site -> server) -------------------------------------------------------------------------
+SITE_NAME = "name"  # str
+SITE_PAIRED = "paired"  # bool: the site holds genomics
+SITE_GENES = "n-genes"  # int: genes of the site's genomic matrix (0 = histology-only)
+SITE_TRAIN_SLIDES = "train-slides"  # int
+SITE_TEST_SLIDES = "test-slides"  # int
+SITE_KEYS = (SITE_NAME, SITE_PAIRED, SITE_GENES, SITE_TRAIN_SLIDES, SITE_TEST_SLIDES)
+
+# ---- "omics" record keys -----------------------------------------------------------------------------------------
+MOMENT_KEYS = ("sum", "sumsq", "count")  # site -> server: (G,), (G,), (1,) float64 over the training cases
+NORM_KEYS = ("mean", "std")  # server -> site: (G,), (G,) float32 pooled z-score statistics
 
 # ---- memory record keys ------------------------------------------------------------------------------------------
 SLOTS = "slots"  # (2, K, S) slot vectors (global memory, or a site's trained slots in gradient mode)
@@ -60,7 +80,9 @@ CFG_ROUND = "server-round"  # int, 1-based round (0 = before round 1)
 CFG_LR = "lr"  # float, local learning rate for this round
 CFG_LOCAL_EPOCHS = "local-epochs"  # int, local epochs this round
 CFG_MEMORY_UPDATE = "memory-update"  # str, "gradient" | "ema" | "frozen"
-CONFIG_KEYS = (CFG_ROUND, CFG_LR, CFG_LOCAL_EPOCHS, CFG_MEMORY_UPDATE)
+CFG_N_GENES = "n-genes"  # int, genes of the federation's genomic branch (0 = none)
+CFG_RUN_KEY = "run-key"  # str, identifies the run across a resume (a site keys its private state by it)
+CONFIG_KEYS = (CFG_ROUND, CFG_LR, CFG_LOCAL_EPOCHS, CFG_MEMORY_UPDATE, CFG_N_GENES, CFG_RUN_KEY)
 
 # ---- query names (Python identifiers: Flower custom actions) -----------------------------------------------------
 QUERY_KMEANS_SEED = "kmeans_seed"
@@ -70,12 +92,15 @@ QUERY_OMICS_MOMENTS = "omics_moments"
 # ---- metrics -----------------------------------------------------------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # number of training slides (not batches); Flower's weighting key
 PAIRED = "paired"  # 1 if the site holds genomics (its genomic encoder was trained), else 0
-LOSS_TERMS = ("total", "ce", "mem", "align_omics", "align_wsi", "recon")  # the engine's named loss breakdown
+LOSS_TERMS = ("total", "ce", "mem", "commit", "ortho", "align_omics", "align_wsi", "recon")  # the engine's named
+# loss breakdown (``LossBreakdown.as_floats()``; mem = commit + ortho_weight * ortho)
 LOSS_KEYS = tuple(f"loss_{t}" for t in LOSS_TERMS)  # mean per training slide over the round
 VAL_AUC = "val_auc"  # histology-only validation AUC (classifier head); NaN for a one-class split
 VAL_AUC_MEMORY = "val_auc_memory"  # validation AUC of the head-free memory score delta(F_wsi)
 TRAIN_SECONDS = "train_seconds"  # wall seconds of local training
-TRAIN_METRIC_KEYS = (NUM_EXAMPLES, PAIRED, *LOSS_KEYS, VAL_AUC, VAL_AUC_MEMORY, TRAIN_SECONDS)
+PRIVACY_EPSILON = "privacy_epsilon"  # the site's cumulated memory-DP epsilon (privacy.delta); NaN without memory DP
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, PAIRED, *LOSS_KEYS, VAL_AUC, VAL_AUC_MEMORY, TRAIN_SECONDS,
+                     PRIVACY_EPSILON)
 
 TEST_AUC = "test_auc"  # histology-only test AUC (classifier head); NaN for a one-class split
 TEST_AUC_MEMORY = "test_auc_memory"  # test AUC of the memory score
@@ -107,6 +132,7 @@ def train_metrics(
     val_auc: float = math.nan,
     val_auc_memory: float = math.nan,
     train_seconds: float = math.nan,
+    privacy_epsilon: float = math.nan,
 ) -> dict[str, float]:
     """Build a train-reply metric dict with exactly :data:`TRAIN_METRIC_KEYS`.
 
@@ -119,6 +145,9 @@ def train_metrics(
     losses : mapping
         The loss breakdown keyed by :data:`LOSS_TERMS` (a term absent from the breakdown, e.g. ``align_omics`` at
         a histology-only site, must be given as 0.0 or NaN explicitly).
+    privacy_epsilon : float
+        The site's cumulated memory-DP epsilon after this round's release; NaN when memory DP is off (every site
+        sends the key either way).
 
     Raises
     ------
@@ -130,7 +159,7 @@ def train_metrics(
     if unknown or missing:
         raise KeyError(f"loss breakdown: missing {missing}, unknown {unknown}; the contract is {list(LOSS_TERMS)}")
     values = {NUM_EXAMPLES: num_examples, PAIRED: int(bool(paired)), VAL_AUC: val_auc,
-              VAL_AUC_MEMORY: val_auc_memory, TRAIN_SECONDS: train_seconds}
+              VAL_AUC_MEMORY: val_auc_memory, TRAIN_SECONDS: train_seconds, PRIVACY_EPSILON: privacy_epsilon}
     values.update({f"loss_{t}": float(v) for t, v in losses.items()})
     return _check_metrics(values, TRAIN_METRIC_KEYS, "train")
 

@@ -200,8 +200,22 @@ class ClassMemory(nn.Module):
         """Copies of the per-slot aggregates: ``sums`` (2, K, S), ``counts`` (2, K), ``slides`` (2, K)."""
         return {"sums": self.agg_sums.clone(), "counts": self.agg_counts.clone(), "slides": self.agg_slides.clone()}
 
-    def _assigned(self, patch_emb: Tensor | None, omics_emb: Tensor | None) -> Tensor | None:
-        """The embeddings assigned to slots after a step: EMA source in ema mode, patches otherwise."""
+    def assigned(self, patch_emb: Tensor | None, omics_emb: Tensor | None) -> Tensor | None:
+        """The embeddings :meth:`update` assigns to slots after a step: EMA source in ema mode, patches otherwise.
+
+        Parameters
+        ----------
+        patch_emb : Tensor or None
+            (P, S) patch projections.
+        omics_emb : Tensor or None
+            (S,) F_omics, None for a histology-only slide.
+
+        Returns
+        -------
+        Tensor or None
+            (N, S) detached float32 embeddings (N = P, 1 or P + 1 by ``ema_source``), None when nothing is
+            assigned (e.g. ``ema_source: omics`` at a histology-only slide).
+        """
         parts: list[Tensor] = []
         source = self.cfg.ema_source if self.cfg.update == "ema" else "patches"
         if source in ("omics", "both") and omics_emb is not None:
@@ -228,7 +242,7 @@ class ClassMemory(nn.Module):
         omics_emb : Tensor or None
             (S,) unit-norm F_omics, None for a histology-only slide.
         """
-        x = self._assigned(patch_emb, omics_emb)  # (N, S)
+        x = self.assigned(patch_emb, omics_emb)  # (N, S)
         if x is None:
             return
         x = x.to(self.slots.device)
