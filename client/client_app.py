@@ -24,7 +24,7 @@ from momkd_fed.device import set_threads
 from momkd_fed.federation import contract, kmeans
 
 from . import records as R
-from .local_round import GlobalModel, cached_kmeans_points, evaluate_round, kmeans_points, train_round
+from .local_round import GlobalModel, audit_reply, cached_kmeans_points, evaluate_round, kmeans_points, train_round
 from .run_config import split_run_config
 from .site_runtime import SiteRuntime, state_dir
 
@@ -103,8 +103,10 @@ def omics_moments(msg: Message, context: Context) -> Message:
     """Genomic moments of the training cases (count 0 at a histology-only site) and who this site is."""
     rt = _runtime(context)
     m = rt.moments()
-    rec = R.to_record({"sum": m.sum.astype(np.float64), "sumsq": m.sumsq.astype(np.float64),
-                       "count": np.asarray([m.count], dtype=np.float64)})
+    arrays = {"sum": m.sum.astype(np.float64), "sumsq": m.sumsq.astype(np.float64),
+              "count": np.asarray([m.count], dtype=np.float64)}
+    audit_reply(rt, _state_dir(rt, context, msg), 0, contract.QUERY_OMICS_MOMENTS, {contract.OMICS_RECORD: arrays})
+    rec = R.to_record(arrays)
     return Message(RecordDict({contract.OMICS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 
 
@@ -112,9 +114,12 @@ def omics_moments(msg: Message, context: Context) -> Message:
 def kmeans_seed(msg: Message, context: Context) -> Message:
     """Local spherical k-means of the initial patch projections, sent as cluster sums and counts."""
     rt = _runtime(context)
-    points = kmeans_points(rt, _global(msg), _state_dir(rt, context, msg))
+    sdir = _state_dir(rt, context, msg)
+    points = kmeans_points(rt, _global(msg), sdir)
     sums, counts = kmeans.local_kmeans_seed(points, rt.cfg.memory.slots, rt.cfg.memory.kmeans_iters,
                                             seed=rt.cfg.train.seed, min_count=rt.cfg.federation.min_slot_count)
+    audit_reply(rt, sdir, 0, contract.QUERY_KMEANS_SEED, {contract.KMEANS_RECORD: {contract.SUMS: sums,
+                                                                                     contract.COUNTS: counts}})
     rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
     return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 
@@ -123,9 +128,12 @@ def kmeans_seed(msg: Message, context: Context) -> Message:
 def kmeans_step(msg: Message, context: Context) -> Message:
     """Assign the cached projections to the server's centroids; reply per-centroid sums and counts."""
     rt = _runtime(context)
-    points = cached_kmeans_points(rt, _state_dir(rt, context, msg))
+    sdir = _state_dir(rt, context, msg)
+    points = cached_kmeans_points(rt, sdir)
     centroids = R.from_record(msg.content.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
     sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count)
+    audit_reply(rt, sdir, 0, contract.QUERY_KMEANS_STEP, {contract.KMEANS_RECORD: {contract.SUMS: sums,
+                                                                                     contract.COUNTS: counts}})
     rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
     return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 

@@ -119,6 +119,12 @@ def test_federation_in_process(tiny, tmp_path):
     # a histology-only site does not send the genomic encoder
     assert r1["bytes_received"]["hospital_c"] < r1["bytes_received"]["hospital_a"]
     assert r1["memory"]["memory_slots_updated"] > 0 and r1["dropouts"] == []
+    # every loss term is sent (commit and ortho included); privacy off: no epsilon, nothing rejected
+    assert all(m["loss_commit"] > 0 and m["loss_ortho"] >= 0 for m in r1["train"].values())
+    assert all(m[contract.PRIVACY_EPSILON] is None for m in r1["train"].values())
+    assert r1["rejected"] == {} and r1["privacy"]["epsilon"] is None and r1["privacy"]["covers"] == []
+    assert result["privacy"]["enabled"] is False
+    assert R.SITE_RECORD is contract.SITE_RECORD and R.CFG_RUN_KEY == contract.CFG_RUN_KEY  # names defined once
     assert (tmp_path / "global_model.pt").is_file() and (tmp_path / "config.yaml").is_file()
     assert run_outputs.checkpoint_rounds(tmp_path) == [1, 2]
     # site-private state stayed at the sites' state folders, one per round
