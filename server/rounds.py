@@ -39,12 +39,12 @@ log = logging.getLogger(__name__)
 POOLED_METHOD = ("slide-weighted mean of the sites' test AUCs (per-slide outputs never leave a site)")
 
 
-def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds.SiteRoster) -> run_outputs.ServerState:
+def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds.SiteRoster,
+                 run_key: str) -> run_outputs.ServerState:
     """Initial model (seeded), its shared part, and the federated k-means memory."""
     model = build_initial_model(cfg, roster.n_genes)
     validate_sharing(model.state_dict().keys(), cfg.federation)
     part = partition_state(model.state_dict(), cfg.federation)
-    run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
     slots = None
     if getattr(model, "has_memory", False):
         slots = setup_rounds.initial_memory(grid, nodes, cfg, dict(part.shared), roster.n_genes, run_key,
@@ -138,14 +138,16 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     nodes = setup_rounds.wait_for_nodes(grid, max(fed.min_sites, len(cfg.sites)), fed.round_timeout)
-    roster = setup_rounds.roster(grid, nodes, cfg, fed.round_timeout)
     state = run_outputs.load_latest(run_dir, cfg) if opts.resume else None
+    # the run key names each site's private state folder; the setup queries carry it too (site audit logs)
+    run_key = state.run_key if state is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    roster = setup_rounds.roster(grid, nodes, cfg, fed.round_timeout, run_key)
     if state is None:
         if opts.resume:
             log.warning("resume: no checkpoint in %s; starting a fresh run", run_dir)
         run_outputs.clear_run_outputs(run_dir)
         dump_yaml(cfg, run_dir / CONFIG_FILE)
-        state = _fresh_state(grid, nodes, cfg, roster)
+        state = _fresh_state(grid, nodes, cfg, roster, run_key)
     else:
         log.info("resume: continuing after round %d (run %s)", state.round, state.run_key)
         if state.n_genes != roster.n_genes:

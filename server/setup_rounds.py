@@ -76,7 +76,7 @@ def _good(replies: Iterable[Message], what: str) -> list[Message]:
     return good
 
 
-def roster(grid: Grid, nodes: list[int], cfg: Config, timeout: float) -> SiteRoster:
+def roster(grid: Grid, nodes: list[int], cfg: Config, timeout: float, run_key: str) -> SiteRoster:
     """Step 1: site identities and pooled genomic statistics.
 
     Raises
@@ -86,7 +86,8 @@ def roster(grid: Grid, nodes: list[int], cfg: Config, timeout: float) -> SiteRos
     SetupError
         No usable reply.
     """
-    replies = _good(_query(grid, nodes, contract.QUERY_OMICS_MOMENTS, RecordDict(), timeout), "omics_moments")
+    content = RecordDict({contract.CONFIG_RECORD: ConfigRecord({R.CFG_RUN_KEY: run_key})})
+    replies = _good(_query(grid, nodes, contract.QUERY_OMICS_MOMENTS, content, timeout), "omics_moments")
     node_sites, sites, moments = {}, {}, {}
     for m in replies:
         info = m.content.config_records[R.SITE_RECORD]

@@ -131,8 +131,12 @@ def test_dp_train_replies_audit_and_epsilon_in_run_outputs(tiny, tmp_path):
     for site in ("hospital_a", "hospital_c"):
         d = _state_dir(tmp_path, site)
         assert json.loads((d / ACCOUNTANT_FILE).read_text())["steps"] == 2
-        lines = AuditLog.in_folder(d).read()
-        assert [(x["round"], x["kind"]) for x in lines] == [(1, "train"), (2, "train")]
+        all_lines = AuditLog.in_folder(d).read()
+        setup = [x["kind"] for x in all_lines if x["round"] == 0]  # the setup queries are audited too
+        assert setup[0] == contract.QUERY_OMICS_MOMENTS and contract.QUERY_KMEANS_SEED in setup
+        assert all(x["dp_covers"] == [] for x in all_lines if x["round"] == 0)  # no epsilon covers them
+        lines = [x for x in all_lines if x["kind"] == "train"]
+        assert [x["round"] for x in lines] == [1, 2]
         last = lines[-1]
         assert last["site"] == site and last["dp_covers"] == ["memory"]
         assert last["privacy"]["epsilon"] == pytest.approx(two.epsilon(), rel=1e-9) and last["privacy"]["steps"] == 2
@@ -165,7 +169,7 @@ def test_minimum_counts_apply_without_dp(tiny, tmp_path):
         withheld_any |= bool((~sent).any())
     assert withheld_any
     d = _state_dir(tmp_path, "hospital_b")
-    line = AuditLog.in_folder(d).read()[0]
+    line = next(x for x in AuditLog.in_folder(d).read() if x["kind"] == "train")
     assert line["dp_covers"] == [] and line["privacy"] == {} and line["withheld"]["withheld"] > 0
     assert not (d / ACCOUNTANT_FILE).exists()
     row = _rows(tmp_path)[0]
@@ -227,7 +231,7 @@ def test_update_clipping_and_server_accountant_survive_resume(tiny, tmp_path):
         norm = math.sqrt(sum(float((w[k].double() - g[k].double()).pow(2).sum()) for k in w
                              if torch.is_floating_point(w[k])))
         assert norm <= 0.5 + 1e-4
-    line = AuditLog.in_folder(_state_dir(tmp_path, "hospital_a")).read()[0]
+    line = next(x for x in AuditLog.in_folder(_state_dir(tmp_path, "hospital_a")).read() if x["kind"] == "train")
     assert line["extra"]["update_norm"] > 0.5 and line["dp_covers"] == ["memory", "shared_weights"]
 
     rc2 = _run_config(tiny, tmp_path, rounds=2, resume=True, **over)
