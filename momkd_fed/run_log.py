@@ -7,12 +7,15 @@ Layout of a run folder (simulate and server)::
     summary.json         written at the end (atomically): rounds_completed, test_auc {pooled, <site>...}, ...
     checkpoints/         round_NNNN.pt, self-describing (see server/run_outputs.py)
     global_model.pt      the final global model, loadable by ``momkd-fed predict``
+    predictions/         test_<site>.csv per-slide test scores, written only where the data is local
+                         (simulate, train); a real federation never moves per-slide outputs
 
 JSON is strict: NaN and infinities are written as ``null``. Plain Python/numpy only (no flwr, no torch).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -27,6 +30,8 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 GLOBAL_MODEL_FILE = "global_model.pt"
 CHECKPOINT_DIR = "checkpoints"
+PREDICTIONS_DIR = "predictions"
+PREDICTION_COLUMNS = ("slide_id", "label", "probability", "memory_score")
 
 
 def json_safe(x: Any) -> Any:
@@ -50,6 +55,22 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_predictions_csv(path: str | Path, slide_ids: list[str], labels: np.ndarray, probs: np.ndarray,
+                          memory_scores: np.ndarray | None) -> Path:
+    """Per-slide test scores (``PREDICTION_COLUMNS``; memory_score empty for a model without memory), atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(PREDICTION_COLUMNS)
+        for i, sid in enumerate(slide_ids):
+            mem = "" if memory_scores is None else repr(float(memory_scores[i]))
+            w.writerow([sid, int(labels[i]), repr(float(probs[i])), mem])
     os.replace(tmp, path)
     return path
 

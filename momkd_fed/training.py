@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -39,23 +38,11 @@ from .engine import Predictions, evaluate, fit, init_memory_from_bags
 from .errors import ConfigError, DataError
 from .metrics import choose_threshold
 from .model import build_model
+from .run_log import PREDICTIONS_DIR, json_safe, write_predictions_csv
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("config.yaml", "epochs.jsonl", "model.pt", "metrics.json")  # moved in this order
-
-
-def json_safe(x):
-    """NaN/inf -> None and numpy scalars -> Python, recursively (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
+OUTPUT_FILES = ("config.yaml", "epochs.jsonl", PREDICTIONS_DIR, "model.pt", "metrics.json")  # moved in this order
 
 
 def _select_sites(cfg: Config, site: str | None, pooled: bool) -> list[SiteConfig]:
@@ -209,6 +196,10 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
                 thr["memory"] = choose_threshold(val.labels, val.memory_scores, default=0.0)
         test = evaluate(model, split["test"], device, cfg.train.precision)
         test_sites = np.asarray([d.name for d in datas for _ in d.split("test")])  # (N_test,) same order
+        for d in datas:  # per-slide test scores for ROC curves (the data is local here)
+            part = _subset(test, test_sites == d.name)
+            write_predictions_csv(staging / PREDICTIONS_DIR / f"test_{d.name}.csv", part.slide_ids, part.labels,
+                                  part.probs, part.memory_scores)
         metrics = {
             "model": cfg.model.name,
             "sites": [sc.name for sc in sites],
@@ -243,7 +234,10 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
                                "sites": metrics["sites"], "kind": "train"})
         metrics["seconds"]["total"] = time.perf_counter() - t_start
         (staging / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2))
+        (out_dir / "metrics.json").unlink(missing_ok=True)  # a re-run into the same folder: incomplete until the end
         for name in OUTPUT_FILES:  # metrics.json is moved after model.pt: its presence marks a complete run
+            if (out_dir / name).is_dir():
+                shutil.rmtree(out_dir / name)
             os.replace(staging / name, out_dir / name)
         staging.rmdir()
     except BaseException:

@@ -25,7 +25,9 @@ import numpy as np
 
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import ConfigError, MomkdError
-from momkd_fed.run_log import ROUNDS_FILE, SUMMARY_FILE, iter_rounds, json_safe, read_summary, write_json_atomic
+from momkd_fed.report import build_report
+from momkd_fed.run_log import (PREDICTIONS_DIR, ROUNDS_FILE, SUMMARY_FILE, iter_rounds, json_safe, read_summary,
+                               write_json_atomic, write_predictions_csv)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
@@ -161,7 +163,8 @@ def _complete_size(path: Path) -> int:
 
 
 def pooled_test_auc(cfg: Config, out_dir: Path) -> dict:
-    """Pooled histology-only test AUC of ``global_model.pt`` over the union of all sites' test slides.
+    """Pooled histology-only test AUC of ``global_model.pt`` over the union of all sites' test slides; also
+    writes each site's per-slide test scores to ``predictions/test_<site>.csv``.
 
     Per-slide outputs never leave a site in a real federation, so the ServerApp reports a slide-weighted mean
     of site AUCs; a simulation holds every site's data on this machine and can compute the real pooled value.
@@ -175,6 +178,8 @@ def pooled_test_auc(cfg: Config, out_dir: Path) -> dict:
     labels, memory, probs = [], [], []
     for site in cfg.sites:
         pred = evaluate(model, load_site(site, cfg).split("test"), model_device(model), cfg.train.precision)
+        write_predictions_csv(out_dir / PREDICTIONS_DIR / f"test_{site.name}.csv", pred.slide_ids, pred.labels,
+                              pred.probs, pred.memory_scores)  # ROC curves in the report (simulation only)
         labels.append(pred.labels)
         probs.append(pred.probs)
         if pred.memory_scores is not None:
@@ -271,6 +276,11 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
         summary["baselines"] = run_baselines(cfg, out_dir, baselines)
     summary["seconds_simulate"] = time.perf_counter() - t_start
     write_json_atomic(out_dir / SUMMARY_FILE, json_safe(summary))
+    try:
+        page = build_report(out_dir)
+        table.console.print(f"report: {page}")
+    except MomkdError as exc:  # the run itself succeeded; say why there is no report
+        log.error("report not written: %s", exc)
     auc = summary["test_auc"]["pooled"]
     table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC "
                         f"{'n/a' if auc is None or math.isnan(auc) else f'{auc:.3f}'} in "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -97,7 +98,8 @@ def test_pooled_tiny_end_to_end_then_predict(tiny_federation, tmp_path):
     metrics = run_training(cfg, tmp_path / "run", pooled=True)
     wall = time.perf_counter() - t0
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "epochs.jsonl", "metrics.json", "model.pt"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "epochs.jsonl", "metrics.json", "model.pt",
+                                                      "predictions"]
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["test"]["classifier"]["n"] == metrics["slides"]["test"] > 0
     for head in ("classifier", "memory"):
@@ -138,6 +140,11 @@ def test_pooled_tiny_end_to_end_then_predict(tiny_federation, tmp_path):
         [b.label for sc in cfg.sites for b in load_site(sc, cfg).split("test")],
         [by_id[i] for i in test_ids])
     assert auc_again == pytest.approx(metrics["test"]["classifier"]["auc"], abs=1e-6)
+    # the run's own per-slide test scores (for ROC curves) agree with predict
+    written = pd.concat([pd.read_csv(run / "predictions" / f"test_{sc.name}.csv") for sc in cfg.sites])
+    assert sorted(written["slide_id"]) == sorted(test_ids)
+    for sid, prob in zip(written["slide_id"], written["probability"]):
+        assert prob == pytest.approx(by_id[sid], abs=1e-5)
 
 
 @pytest.mark.slow
