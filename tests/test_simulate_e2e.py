@@ -88,6 +88,15 @@ def test_simulate_tiny_end_to_end(tmp_path):
     model, cfg, meta = load_model(out / "global_model.pt")
     assert meta["round"] == 3 and cfg.federation.rounds == 3
 
+    # the report is written at the end: the HTML page embeds every PNG, ROC curves come from local predictions
+    page = (out / "report" / "index.html").read_text()
+    pngs = sorted((out / "report").glob("*.png"))
+    assert {"roc.png", "auc_per_round.png"} <= {p.name for p in pngs}
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000
+    assert page.count("data:image/png;base64,") >= len(pngs)
+    assert sorted(p.name for p in (out / "predictions").glob("*.csv")) == [f"test_{s}.csv" for s in sorted(sites)]
+
 
 def test_simulate_resume_matches_uninterrupted(tmp_path):
     """Real engine: 1 round, then resume to 2 rounds == 2 rounds in one go (in-process reference), to 1e-6."""
