@@ -81,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
     lr = float(cfg.get(contract.CFG_LR, rt.cfg.train.lr))
     epochs = int(cfg.get(contract.CFG_LOCAL_EPOCHS, rt.cfg.federation.local_epochs))
     shared, memory, metrics = train_round(rt, g, _state_dir(rt, context, msg), lr, epochs)
-    content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared),
+    content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared, rt.cfg.federation.wire_dtype, g.shared),
                           contract.METRICS_RECORD: R.metrics_record(metrics), R.SITE_RECORD: _site(rt)})
     if memory:
         content[contract.MEMORY_RECORD] = R.to_record(memory)

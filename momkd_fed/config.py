@@ -131,6 +131,7 @@ class FederationConfig:
     )
     min_slot_count: int = 1  # a memory slot aggregate leaves a site only if it summarises >= this many slides
     client_cpus: float = 1.0  # simulation: CPUs per virtual client
+    wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # train-reply weights dtype (16-bit: as updates)
     round_timeout: float = 3600.0  # seconds the server waits for replies in one round
 
 

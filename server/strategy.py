@@ -162,7 +162,8 @@ class MomkdFedAvgM(FedAvgM):
         for n in nodes:
             site = self.node_sites.get(n, f"node-{n}")
             self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
-        return list(self._construct_messages(content, nodes, message_type))
+        self._sent = list(self._construct_messages(content, nodes, message_type))  # the grid sets their ids
+        return self._sent
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -195,6 +196,9 @@ class MomkdFedAvgM(FedAvgM):
             site = R.reply_site(msg)
             self.node_sites[msg.metadata.src_node_id] = site
             return site
+        for sent in getattr(self, "_sent", []):  # an error made by the SuperLink (e.g. Node Unavailable)
+            if sent.metadata.message_id and sent.metadata.message_id == msg.metadata.reply_to_message_id:
+                return self.node_sites.get(sent.metadata.dst_node_id, f"node-{sent.metadata.dst_node_id}")
         return self.node_sites.get(msg.metadata.src_node_id, R.reply_site(msg))
 
     def _unpack_train(self, msg: Message) -> SiteReply:
@@ -207,7 +211,8 @@ class MomkdFedAvgM(FedAvgM):
             else {}
         metrics = dict(c.metric_records[contract.METRICS_RECORD]) if contract.METRICS_RECORD in c.metric_records \
             else {}
-        shared = R.from_record(c.array_records[contract.ARRAYS_RECORD]) if contract.ARRAYS_RECORD in c.array_records \
+        shared = R.from_record(c.array_records[contract.ARRAYS_RECORD], base=self.state.shared) \
+            if contract.ARRAYS_RECORD in c.array_records \
             else {}
         return SiteReply(site=site, shared=shared, memory=memory, metrics=metrics)
 
