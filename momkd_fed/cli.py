@@ -165,20 +165,20 @@ def simulate(
 @app.command()
 def server(
     config: Path = typer.Option(..., "--config", "-c", help="Federation YAML (run settings, no site paths needed)."),
-    certs: Optional[Path] = typer.Option(None, help="Coordinator bundle from `momkd-fed certs`."),
-    out: Path = typer.Option(Path("runs/federation"), help="Run folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    certs: Optional[Path] = typer.Option(None, help="Coordinator bundle: <provision>/coordinator."),
+    out: Path = typer.Option(Path("runs/federation"), help="Run folder (also holds the SuperLink database)."),
+    resume: bool = typer.Option(False, "--resume", help="Same database; continue from the last checkpoint."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node authentication (testing only!)."),
-    host: str = typer.Option("0.0.0.0", help="Address the SuperLink listens on."),
-    port: int = typer.Option(9092, help="SuperLink port (Fleet API; Control stays on loopback)."),
+    host: str = typer.Option("127.0.0.1", help="SuperLink bind address (keep loopback: sites come through the proxy)."),
+    port: int = typer.Option(8000, help="SuperLink port (Fleet, Control and Runtime API; proxy forwards Fleet only)."),
+    wait_sites: float = typer.Option(600.0, help="Seconds to wait for enough sites to come online."),
 ) -> None:
     """Coordinator: SuperLink with TLS and node authentication, submits the run, checkpoints, reports."""
+    from server.coordinator import run_server
+
     try:
-        from server.deploy import run_server
-    except ImportError:
-        _fail(MomkdError("`momkd-fed server` is not available in this build yet (deployment issue)"))
-    try:
-        code = run_server(config, certs, out, resume=resume, insecure=insecure, host=host, port=port)
+        code = run_server(config, certs, out, resume=resume, insecure=insecure, host=host, port=port,
+                          wait_sites=wait_sites)
     except MomkdError as exc:
         _fail(exc)
     raise typer.Exit(code=code)
@@ -188,17 +188,20 @@ def server(
 def client(
     config: Path = typer.Option(..., "--config", "-c", help="Site YAML (local paths; never sent)."),
     site: str = typer.Option(..., help="This site's name."),
-    certs: Optional[Path] = typer.Option(None, help="Site bundle from `momkd-fed certs`."),
-    superlink: str = typer.Option("127.0.0.1:9092", help="Coordinator address host:port."),
-    insecure: bool = typer.Option(False, "--insecure", help="No TLS (testing only!)."),
+    certs: Optional[Path] = typer.Option(None, help="Site bundle: <provision>/sites/<site>."),
+    superlink: Optional[str] = typer.Option(None, help="Coordinator address host:port (default: from the bundle)."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS, no node key (testing only!)."),
+    port: Optional[int] = typer.Option(None, help="Local port of the SuperNode's Runtime API (default: a free one)."),
+    state_dir: Optional[Path] = typer.Option(None, help="Folder for this site's private state and the SuperNode log."),
+    max_retries: Optional[int] = typer.Option(None, help="Reconnection attempts (default: unbounded)."),
+    max_wait_time: float = typer.Option(600.0, help="Seconds of reconnection before giving up."),
 ) -> None:
     """Site: check the local data, then join the federation as a Flower SuperNode."""
+    from client.site_node import run_client
+
     try:
-        from client.deploy import run_client
-    except ImportError:
-        _fail(MomkdError("`momkd-fed client` is not available in this build yet (deployment issue)"))
-    try:
-        code = run_client(config, site, certs, superlink, insecure=insecure)
+        code = run_client(config, site, certs, superlink, insecure=insecure, port=port, state_dir=state_dir,
+                          max_retries=max_retries, max_wait_time=max_wait_time)
     except MomkdError as exc:
         _fail(exc)
     raise typer.Exit(code=code)

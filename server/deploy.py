@@ -88,15 +88,21 @@ class FlowerProcess:
         File receiving stdout and stderr.
     env : dict[str, str]
         Environment (see :func:`flower_env`).
+    die_with_parent : bool
+        Linux: the process gets SIGTERM if the Python process that started it dies (even by SIGKILL), so that
+        it does not outlive its supervisor.
     """
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str], *,
+                 die_with_parent: bool = False) -> None:
         self.name, self.argv, self.log_path = name, argv, Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
+        self._offset = self._log.tell()  # the file may hold an earlier process's output (appended): skip it
         log.info("starting %s: %s", name, " ".join(argv))
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL,
+                                     preexec_fn=_term_with_parent if die_with_parent else None)
         self.pid = self.proc.pid
         self._seen: dict[int, str] = {}  # pid -> start time of every descendant seen by track()
 
@@ -110,8 +116,10 @@ class FlowerProcess:
         return pids
 
     def output(self) -> str:
-        """Everything the process has written so far."""
-        return self.log_path.read_text(errors="replace")
+        """Everything this process has written so far (not what earlier processes left in the same file)."""
+        with self.log_path.open("rb") as f:
+            f.seek(self._offset)
+            return f.read().decode(errors="replace")
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(self.output().splitlines()[-n:])
@@ -168,6 +176,16 @@ class FlowerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _term_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _start_time(pid: int) -> str:
@@ -234,10 +252,10 @@ def superlink_command(certs: Path | None, database: Path, *, host: str = "127.0.
 
 def start_superlink(certs: Path | None, database: Path, log_path: Path, *, host: str = "127.0.0.1",
                     port: int = 8000, timeout: float = 60.0, flwr_home: Path | None = None,
-                    insecure: bool = False) -> FlowerProcess:
+                    insecure: bool = False, die_with_parent: bool = False) -> FlowerProcess:
     """Start the SuperLink and wait until it serves HTTPS (HTTP with ``insecure``)."""
     p = FlowerProcess("superlink", superlink_command(certs, database, host=host, port=port, insecure=insecure),
-                      log_path, flower_env(flwr_home))
+                      log_path, flower_env(flwr_home), die_with_parent=die_with_parent)
     try:
         p.wait_for(SUPERLINK_READY, timeout)
     except BaseException:

@@ -1,0 +1,189 @@
+"""``momkd-fed client``: check this site's data, then run its Flower SuperNode until stopped.
+
+1. ``momkd_fed.data.check.check_site`` on the local site YAML: any error-level problem refuses to join (each is
+   listed with its file, field and fix); warnings are shown and the site joins.
+2. ``flower-supernode`` with the site bundle (``--root-certificates ca.crt``, ``--auth-supernode-private-key
+   <site>.key``), ``--node-config 'site="NAME" config-path="/abs/site.yaml" state-dir="/abs/state"'`` (paths stay
+   local: only the ClientApp on this machine reads them), a free local ``--port`` for its Runtime API (several
+   SuperNodes can share a host) and bounded reconnection (``--max-retries`` / ``--max-wait-time``).
+3. Follow it: its output goes to ``<state-dir>/supernode.log`` and is echoed; one clear line when it is connected
+   and when it fails: coordinator unreachable, certificate mismatch (TLS verification), key not registered
+   (Flower logs exit code 305 for all three; the cause is read from the log). SIGTERM / Ctrl-C stop the SuperNode
+   (it deactivates itself at the SuperLink) and everything below it, by PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from momkd_fed.config import Config, SiteConfig, load_config
+from momkd_fed.data.site import CACHE_FOLDER
+from momkd_fed.errors import ConfigError
+
+from server.deploy import FlowerProcess, LaunchError, flower_env, free_port
+from .deploy import SUPERNODE_CONNECTED, diagnose, read_bundle, supernode_command
+
+log = logging.getLogger(__name__)
+
+STATE_FOLDER = "federated_state"  # under the site's cache folder, as client.site_runtime does by default
+EXIT_OK, EXIT_DATA, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 1, 130
+INSECURE_WARNING = ("--insecure: NO TLS and NO node authentication: the coordinator is not verified and the "
+                    "traffic is readable. Testing only.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Interrupted(Exception):
+    """SIGTERM received: unwind so that the SuperNode is stopped."""
+
+
+def _on_sigterm(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+@dataclass
+class ClientOptions:
+    """How the SuperNode runs (the command line of ``momkd-fed client``)."""
+
+    superlink: str | None = None  # host:port; default: the address in the bundle
+    insecure: bool = False
+    port: int | None = None  # local Runtime API port; default: a free one
+    state_dir: str | None = None  # site's private federated state; default: <cache>/federated_state/<site>
+    max_retries: int | None = None  # reconnection attempts (None = unbounded, bounded by max_wait_time)
+    max_wait_time: float | None = 600.0  # seconds of reconnection before giving up (also after a restart)
+    connect_timeout: float = 0.0  # >0: give up if not connected within this many seconds
+
+
+def default_state_dir(site: SiteConfig, cfg: Config) -> Path:
+    """``<data.cache_dir or features_dir/.momkd_cache>/federated_state/<site>`` (local; never sent)."""
+    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(site.features_dir) / CACHE_FOLDER
+    return (cache / STATE_FOLDER / site.name).absolute()
+
+
+def check_data(site: SiteConfig, cfg: Config, say) -> bool:
+    """Run check-data on this site; print the problems; True if the site may join (no error-level problem)."""
+    from momkd_fed.data.check import check_site
+
+    problems = check_site(site, cfg)
+    errors = [p for p in problems if p.level == "error"]
+    for p in problems:
+        if p.level != "info" or errors:
+            say(str(p))
+    if errors:
+        say(f"refusing to join the federation: {len(errors)} data problem(s) at site {site.name} "
+            f"(fix them, then check with `momkd-fed check-data --site {site.name}`)")
+        return False
+    return True
+
+
+def run_client(config: Path, site: str, certs: Path | None, superlink: str | None = None, *,
+               insecure: bool = False, port: int | None = None, state_dir: Path | None = None,
+               max_retries: int | None = None, max_wait_time: float | None = 600.0,
+               connect_timeout: float = 0.0, say=None) -> int:
+    """The ``momkd-fed client`` command; returns the exit code.
+
+    0: stopped by SIGTERM/Ctrl-C after running, or the SuperNode ended by itself without error;
+    3: the site's data breaks the contract (nothing was started); 1: the SuperNode failed (the reason is printed);
+    130: interrupted before it connected.
+
+    Raises
+    ------
+    ConfigError
+        The site is not in the YAML, no bundle without ``insecure``, or the bundle is another site's.
+    """
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config = Path(config).absolute()
+    cfg = load_config(config)
+    site_cfg = cfg.site(site)
+    if not check_data(site_cfg, cfg, say):
+        return EXIT_DATA
+    opts = ClientOptions(superlink=superlink, insecure=insecure, port=port,
+                         state_dir=None if state_dir is None else str(state_dir), max_retries=max_retries,
+                         max_wait_time=max_wait_time, connect_timeout=connect_timeout)
+    try:
+        argv, address = _command(config, site_cfg, cfg, certs, opts)
+    except LaunchError as exc:  # an unreadable bundle: a setup problem, reported like a config error
+        raise ConfigError(str(exc)) from exc
+    state = Path(opts.state_dir) if opts.state_dir else default_state_dir(site_cfg, cfg)
+    node = None
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        node = FlowerProcess(f"supernode {site}", argv, state / "supernode.log", flower_env(),
+                             die_with_parent=True)
+        return _follow(node, site, address, opts, say)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        connected = node is not None and SUPERNODE_CONNECTED.search(node.output()) is not None
+        say(f"site {site}: stopping the SuperNode ({exc or 'Ctrl-C'})")
+        return EXIT_OK if connected else EXIT_INTERRUPTED
+    finally:
+        if node is not None:
+            node.stop()
+        signal.signal(signal.SIGTERM, old)
+
+
+def _command(config: Path, site: SiteConfig, cfg: Config, certs: Path | None,
+             opts: ClientOptions) -> tuple[list[str], str]:
+    """The flower-supernode command line and the coordinator address it uses."""
+    state = Path(opts.state_dir).absolute() if opts.state_dir else default_state_dir(site, cfg)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{state}: cannot create the site's state folder ({exc.strerror}) (fix: pass --state-dir "
+                          "a writable local folder, or set data.cache_dir)") from exc
+    node_config = {"site": site.name, "config-path": str(config), "state-dir": str(state)}
+    port = opts.port or free_port()
+    if opts.insecure:
+        log.warning(INSECURE_WARNING)
+        if not opts.superlink:
+            raise ConfigError("--superlink: give the coordinator address host:port (no bundle with --insecure)")
+        argv = supernode_command(None, superlink=opts.superlink, port=port, node_config=node_config,
+                                 max_retries=opts.max_retries, max_wait_time=opts.max_wait_time, insecure=True)
+        return argv, opts.superlink
+    if certs is None:
+        raise ConfigError("--certs: give this site's bundle (sites/<site> made by `momkd-fed certs`), or "
+                          "--insecure for a test without TLS")
+    info = read_bundle(certs)
+    if info.get("site") != site.name:
+        raise ConfigError(f"{Path(certs) / 'bundle.json'}: this bundle is for site {info.get('site')!r}, not "
+                          f"{site.name!r} (fix: pass --certs the sites/{site.name} folder)")
+    address = opts.superlink or info["superlink"]
+    argv = supernode_command(certs, superlink=address, port=port, node_config=node_config,
+                             max_retries=opts.max_retries, max_wait_time=opts.max_wait_time)
+    return argv, address
+
+
+def _follow(node: FlowerProcess, site: str, address: str, opts: ClientOptions, say) -> int:
+    """Echo the SuperNode's log, announce the connection, explain a failure; returns the exit code."""
+    say(f"site {site}: data OK; SuperNode (PID {node.pid}) connecting to {address}; log {node.log_path}")
+    seen, connected, t0 = 0, False, time.monotonic()
+    while True:
+        text = node.output()
+        for line in text[seen:].splitlines():
+            if line.strip():
+                log.info("[supernode] %s", _ANSI.sub("", line))
+        seen = len(text)
+        if not connected and (m := SUPERNODE_CONNECTED.search(text)):
+            connected = True
+            say(f"site {site}: connected to the coordinator as node {m.group(1)}")
+        code = node.proc.poll()
+        if code is not None:
+            text = node.output()
+            if code == 0 and "Exit Code" not in text:
+                say(f"site {site}: the SuperNode ended")
+                return EXIT_OK
+            why = diagnose(text, site, address) or f"the SuperNode exited with status {code}"
+            say(f"site {site}: {why} (log: {node.log_path})")
+            return EXIT_FAILED
+        if not connected and opts.connect_timeout and time.monotonic() - t0 > opts.connect_timeout:
+            why = diagnose(text, site, address)
+            say(f"site {site}: not connected after {opts.connect_timeout:.0f} s"
+                + (f": {why}" if why else "") + f" (log: {node.log_path})")
+            return EXIT_FAILED
+        node.track()
+        time.sleep(0.3)
+

@@ -1,0 +1,186 @@
+"""Helpers for the deployment end-to-end tests: a tiny 2-site federation, certificates, and the real
+``momkd-fed server`` / ``momkd-fed client`` commands run as processes (optionally inside a network namespace).
+
+Every process is started through :class:`server.deploy.FlowerProcess` (output in a file, stopped by PID together
+with everything below it); tests stop them in ``finally`` blocks. Each test gets a private ``FLWR_HOME``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from momkd_fed.certs import add_site, provision
+from server.deploy import FlowerProcess, _descendants
+
+SITES = ("hospital_a", "hospital_b")
+MOMKD = [sys.executable, "-m", "momkd_fed.cli"]
+
+
+def have_flower() -> bool:
+    return shutil.which("flower-superlink") is not None and shutil.which("flower-supernode") is not None
+
+
+def make_federation(root: Path, **federation) -> Path:
+    """Synthesise the tiny federation with two sites (a paired one and a histology-only one) and write a test
+    config next to it: 2 rounds, one k-means step, one thread, short round timeout; ``federation`` overrides."""
+    from momkd_fed.synth import synthesize
+
+    data = root / "data"
+    if not (data / "federation.yaml").exists():
+        synthesize("tiny", data, seed=0, sites=SITES, slides_per_site=(30, 30), prevalence=(0.4, 0.6),
+                   histology_only=("hospital_b",))
+    doc = yaml.safe_load((data / "federation.yaml").read_text())
+    doc["federation"].update({"rounds": 2, "min_sites": 2, "round_timeout": 150.0, **federation})
+    doc.setdefault("memory", {})["kmeans_iters"] = 1
+    doc.setdefault("train", {})["threads"] = 1
+    name = "test_" + "_".join(f"{k}{v}" for k, v in sorted(federation.items())) + ".yaml"
+    path = data / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def site_yaml(config: Path, site: str, as_name: str, out: Path) -> Path:
+    """A site YAML holding ``site``'s data (absolute paths) under the name ``as_name``."""
+    doc = yaml.safe_load(config.read_text())
+    entry = next(s for s in doc["sites"] if s["name"] == site)
+    entry = {k: (str((config.parent / v).resolve()) if k in ("manifest", "features_dir", "omics") and v else v)
+             for k, v in entry.items()}
+    entry["name"] = as_name
+    doc["sites"] = [entry]
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
+def make_certs(root: Path, hosts: list[str], intruder: bool = False):
+    """Provision the two sites (plus an ``intruder`` whose key the coordinator does NOT hold)."""
+    prov = provision(root / "certs", coordinator_hosts=hosts, sites=list(SITES))
+    if intruder:
+        add_site(root / "certs", "intruder")
+        (prov.coordinator_dir / "sites" / "intruder.pub").unlink()  # issued, never registered
+    return prov
+
+
+def env(flwr_home: Path) -> dict[str, str]:
+    e = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+         "FLWR_HOME": str(flwr_home), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160"}
+    return e
+
+
+def start_server(tmp: Path, config: Path, certs: Path | None, out: Path, *args: str, netns: str | None = None,
+                 name: str = "server") -> FlowerProcess:
+    argv = [*MOMKD, "server", "--config", str(config), "--out", str(out), "--wait-sites", "120", *args]
+    if certs is not None:
+        argv += ["--certs", str(certs)]
+    return FlowerProcess(name, _in(netns, argv), tmp / f"{name}.out", env(tmp / f"flwr_{name}"))
+
+
+def start_client(tmp: Path, config: Path, site: str, bundle: Path | None, *args: str, netns: str | None = None,
+                 name: str | None = None) -> FlowerProcess:
+    name = name or f"client_{site}"
+    argv = [*MOMKD, "client", "--config", str(config), "--site", site, "--state-dir", str(tmp / "state" / name),
+            *args]
+    if bundle is not None:
+        argv += ["--certs", str(bundle)]
+    return FlowerProcess(name, _in(netns, argv), tmp / f"{name}.out", env(tmp / f"flwr_{name}"))
+
+
+def _in(netns: str | None, argv: list[str]) -> list[str]:
+    return argv if netns is None else ["ip", "netns", "exec", netns, *argv]
+
+
+def wait_until(pred, timeout: float, what: str, procs: list[FlowerProcess] = (), every: float = 0.5):
+    """Poll ``pred()`` until truthy; AssertionError naming ``what`` (with the processes' log tails) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name} ({p.log_path}):\n{p.tail(25)}" for p in procs)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+        time.sleep(every)
+
+
+def rounds(out: Path) -> list[dict]:
+    path = out / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def kill_tree(p: FlowerProcess, include_self: bool = True) -> list[int]:
+    """SIGKILL ``p``'s descendants (and ``p``): a crash, no chance to say goodbye. Returns the PIDs killed."""
+    pids = _descendants(p.pid) + ([p.pid] if include_self else [])
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def stop_all(procs: list[FlowerProcess]) -> None:
+    for p in reversed(procs):
+        try:
+            p.stop(timeout=15)
+        except Exception:  # keep stopping the others
+            pass
+
+
+def leftover(pids: set[int]) -> list[str]:
+    """Which of ``pids`` are still alive (not zombies): 'pid cmdline'."""
+    out = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if stat != "Z":
+            out.append(f"{pid} {cmd[:150]}")
+    return out
+
+
+def run(argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+class Watch:
+    """Samples every process below this one while a test runs, to check afterwards that none survived."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from server.deploy import _start_time
+
+        while not self._stop.is_set():
+            for pid in _descendants(os.getpid()):
+                self.seen.setdefault(pid, _start_time(pid))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def survivors(self) -> list[str]:
+        from server.deploy import _start_time
+
+        return leftover({pid for pid, t in self.seen.items() if t and _start_time(pid) == t})
