@@ -56,10 +56,10 @@ def _slide_table(out: Path) -> pd.DataFrame:
 
 def test_tiny_is_fast_and_yaml_loads(tiny):
     out, seconds = tiny
-    assert seconds < 5.0, f"tiny generation took {seconds:.1f} s"
+    assert seconds < 10.0, f"tiny generation took {seconds:.1f} s"  # ~2 s for its 300 slides on an idle core
     cfg = load_config(out / "federation.yaml")
     assert [s.name for s in cfg.sites] == ["hospital_a", "hospital_b", "hospital_c"]
-    assert cfg.data.feature_dim == 32 and cfg.model.hidden_dim == 32 and cfg.memory.slots == 4
+    assert cfg.data.feature_dim == 32 and cfg.model.hidden_dim == 64 and cfg.memory.slots == 8
     assert cfg.federation.min_sites == 3 and cfg.federation.rounds == 3
     for s in cfg.sites:
         assert Path(s.manifest).is_file() and Path(s.features_dir).is_dir()
@@ -92,7 +92,7 @@ def test_tiny_formats(tiny):
     for site in ["hospital_a", "hospital_b", "hospital_c"]:
         man = pd.read_csv(out / site / "manifest.csv", dtype=str, keep_default_na=False)
         assert list(man.columns) == ["case_id", "slide_id", "label", "split"]
-        assert 40 <= len(man) <= 60
+        assert 80 <= len(man) <= 125
         assert set(man["split"]) == {"train", "val", "test"}
         fdir = out / site / "features" / "20x_256px_0px_overlap" / "features_synthetic"
         assert sorted(p.stem for p in fdir.glob("*.h5")) == sorted(man["slide_id"])
@@ -140,7 +140,9 @@ def test_tiny_missing_labels_two_slide_patients_and_splits(tiny):
         for split in ["train", "val", "test"]:
             assert set(lab.loc[lab["split"] == split, "label"]) == {"positive", "negative"}, split
         prevalence.append((lab["label"] == "positive").mean())
-    assert prevalence[0] < prevalence[1] < prevalence[2], f"label shift expected, got {prevalence}"
+    expected = make_preset("tiny").prevalence  # realised prevalences scatter by ~0.05 around these (binomial)
+    assert all(abs(p - e) < 0.15 for p, e in zip(prevalence, expected)), f"{prevalence} vs {expected}"
+    assert max(prevalence) - min(prevalence) > 0.2, f"label shift expected, got {prevalence}"
 
 
 def test_site_decodable_but_label_not_trivial(tiny):
