@@ -41,4 +41,6 @@ def test_simulation_with_privacy_reports_epsilon(tmp_path):
     # each virtual site kept its audit log and accountant in its own state folder
     for site in ("hospital_a", "hospital_b", "hospital_c"):
         (audit,) = (out / "site_state" / site).glob("*/privacy_audit.jsonl")
-        assert [json.loads(x)["round"] for x in audit.read_text().splitlines()] == [1, 2]
+        lines = [json.loads(x) for x in audit.read_text().splitlines()]
+        assert [x["round"] for x in lines if x["kind"] == "train"] == [1, 2]
+        assert {x["kind"] for x in lines if x["round"] == 0} >= {"omics_moments", "kmeans_seed"}  # setup audited

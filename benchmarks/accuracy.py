@@ -1,0 +1,465 @@
+"""Benchmark: the scientific claim -- histology-only test AUC of MoMKD vs ABMIL, local vs pooled vs federated.
+
+Data: the ``tcga-brca`` synthetic federation (REAL TCGA-BRCA genomics, labels and regions -- one site per region;
+SYNTHETIC histology generated from each case's genomic profile, see ``momkd_fed.synth``), one cohort per task
+(HER2, PR, ODX), generated once and reused for every seed and model. Splits are the preset's patient-level,
+label-stratified splits made within each site (a site's patients never cross sites). Training seeds vary the
+model initialisation, slide sampling and dropout; the cohort (and hence the split) is fixed per task by
+``--data-seed``.
+
+For each task and seed:
+
+- ``pooled``   : one model on all sites' training slides (centralised), MoMKD and ABMIL;
+- ``local``    : one model per site on that site alone, MoMKD and ABMIL;
+- ``federated``: :func:`server.simulate.run_simulation` (Flower's simulation engine, a real SuperLink), MoMKD
+  with the default memory (gradient) and privacy off, and ABMIL; the benchmark also shares MoMKD's
+  classifier head (``federation.shared`` + ``classifier.``; the attention temperature stays private) so that
+  the global model has a trained classifier; the memory-score head needs no head;
+- ``privacy``  : federated MoMKD with ``privacy.enabled`` and ``memory.update: ema`` (the private defaults);
+- ``ablations``: pooled MoMKD with the memory frozen (k-means init) and in ema mode (gradient = the pooled run),
+  and pooled MoMKD with no genomics anywhere (every site histology-only) vs with genomic alignment.
+
+Every model is evaluated histology-only on the held-out test slides of every site: per-site AUC, the mean of the
+per-site AUCs over genomic sites and over histology-only sites, and the AUC over the union of all test slides
+("pooled AUC"; it also rewards knowing the site, because label prevalence differs between regions, so the
+per-site mean is the primary figure). MoMKD reports both heads: the classifier and the memory score
+delta(F_wsi).
+
+Usage::
+
+    python benchmarks/accuracy.py --quick                  # the reduced run of benchmarks/README.md
+    python benchmarks/accuracy.py --tasks her2 --seeds 0   # one task, one seed, full-size cohort
+
+Results: ``<out>/results.jsonl`` (one row per trained model), ``<out>/summary.json`` and ``<out>/results.md``
+(the tables, with the settings and the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from momkd_fed.config import Config, SiteConfig, from_flat, load_config, to_flat  # noqa: E402
+from momkd_fed.metrics import roc_auc  # noqa: E402
+
+log = logging.getLogger("accuracy")
+
+TASKS = ("her2", "pr", "odx")
+PARTS = ("pooled", "local", "federated", "privacy", "ablations")
+ABMIL_SHARED = ["embed.", "attn_v.", "attn_u.", "attn_w.", "classifier."]
+MOMKD_SHARED_EXTRA = ["classifier."]  # log_tau (0-dim) cannot be shared: it arrives as shape (1,) (reported)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="her2,pr,odx", help="comma list of her2, pr, odx")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (comma list)")
+    p.add_argument("--data-seed", type=int, default=0, help="cohort seed (histology and splits)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true",
+                   help="the reduced CPU run: 40 slides per site, median 100 patches, configs/cpu_small.yaml "
+                        "dims, 6 epochs = 6 rounds, lr 1e-3, fp32, privacy and ablations on the first seed only "
+                        "(flags given explicitly win)")
+    p.add_argument("--max-slides-per-site", type=int, default=None, help="cohort size cap per site (0 = all)")
+    p.add_argument("--median-patches", type=int, default=None, help="synthetic median bag size")
+    p.add_argument("--max-patches", type=int, default=None, help="synthetic largest bag")
+    p.add_argument("--epochs", type=int, default=None, help="pooled/local training epochs")
+    p.add_argument("--patience", type=int, default=None, help="early-stopping patience (epochs)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per federated round")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the config's)")
+    p.add_argument("--model-config", default=None,
+                   help="YAML of config overrides (model dims etc.), e.g. configs/cpu_small.yaml; "
+                        "--quick uses benchmarks' small dims")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="fp32 (default) or bf16 autocast; bf16 pays only on CPUs with AMX (measured on an "
+                        "AVX512-BF16 CPU without AMX: MoMKD step 11.1 ms bf16 vs 9.3 ms fp32)")
+    p.add_argument("--extra-seeds", default=None,
+                   help="seeds for the privacy and ablation parts (default: --seeds)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
+    p.add_argument("--out", default="runs/accuracy", help="output folder (cohorts are cached under it)")
+    p.add_argument("--shared-data", default=None, help="folder holding tcga_brca/ (default: ../shared/data)")
+    p.add_argument("--keep-runs", action="store_true", help="keep every run folder (default: delete after use)")
+    a = p.parse_args(argv)
+    quick = dict(max_slides_per_site=40, median_patches=100, max_patches=300, epochs=6, patience=6, rounds=6,
+                 lr=1e-3, precision="fp32", threads=1)
+    full = dict(max_slides_per_site=0, median_patches=None, max_patches=None, epochs=20, patience=5, rounds=20,
+                lr=None, precision="fp32", threads=2)
+    for k, v in (quick if a.quick else full).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if a.extra_seeds is None:
+        a.extra_seeds = a.seeds[:1] if a.quick else a.seeds
+    else:
+        a.extra_seeds = [int(s) for s in a.extra_seeds.split(",") if s.strip()]
+    a.parts = [s.strip() for s in a.parts.split(",") if s.strip()]
+    bad = [t for t in a.tasks if t not in TASKS] + [q for q in a.parts if q not in PARTS]
+    if bad:
+        p.error(f"unknown task/part {bad}")
+    return a
+
+
+QUICK_MODEL = {  # the dims of configs/cpu_small.yaml (D_in stays 1536); ABMIL at the same width
+    "model.hidden_dim": 128, "model.shared_dim": 32, "model.omics_hidden": 128, "model.omics_embed_dim": 128,
+    "model.cls_hidden": 64, "model.abmil_hidden": 128, "memory.slots": 8,
+}
+
+
+def model_overrides(a: argparse.Namespace) -> dict:
+    """Flat config overrides shared by every run of the benchmark."""
+    ov: dict = {}
+    if a.model_config:
+        data = yaml.safe_load(Path(a.model_config).read_text()) or {}
+        for section, values in data.items():
+            for k, v in (values or {}).items():
+                ov[f"{section}.{k}"] = v
+    elif a.quick:
+        ov.update(QUICK_MODEL)
+    ov.update({"train.epochs": a.epochs, "train.patience": a.patience, "train.precision": a.precision,
+               "train.threads": a.threads, "train.progress": False, "train.device": "cpu",
+               "federation.rounds": a.rounds, "federation.local_epochs": a.local_epochs,
+               "federation.client_cpus": 1.0})
+    if a.lr is not None:
+        ov["train.lr"] = a.lr
+    return ov
+
+
+def with_overrides(cfg: Config, ov: dict) -> Config:
+    flat = to_flat(cfg)
+    flat.update({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in ov.items()})
+    return from_flat(flat)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cohorts
+
+
+def cohort(a: argparse.Namespace, task: str) -> Path:
+    """The task's synthetic cohort (generated once; reused when its settings match)."""
+    from momkd_fed.synth import synthesize
+
+    hist = {k: v for k, v in (("median_patches", a.median_patches), ("max_patches", a.max_patches)) if v}
+    settings = {"task": task, "seed": a.data_seed, "max_slides_per_site": a.max_slides_per_site, **hist}
+    tag = "-".join(f"{k}{v}" for k, v in settings.items() if k not in ("task",))
+    out = Path(a.out) / "data" / f"{task}-{tag}"
+    yaml_path = out / "federation.yaml"
+    stamp = out / "settings.json"
+    if yaml_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
+        return yaml_path
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    kw = {"task": task, "max_slides_per_site": a.max_slides_per_site, **hist}
+    if a.shared_data:
+        kw["shared_data"] = Path(a.shared_data)
+    path = synthesize("tcga-brca", out, seed=a.data_seed, **kw)
+    stamp.write_text(json.dumps(settings))
+    log.info("cohort %s written in %.0f s", out, time.perf_counter() - t0)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def site_predictions(model: torch.nn.Module, cfg: Config, sites: list[SiteConfig]) -> dict[str, dict]:
+    """Histology-only test predictions of one model at each of ``sites``."""
+    from momkd_fed.data.site import load_site
+    from momkd_fed.engine import evaluate
+
+    out = {}
+    for sc in sites:
+        pred = evaluate(model, load_site(sc, cfg).split("test"), torch.device("cpu"), cfg.train.precision)
+        out[sc.name] = {"labels": pred.labels, "classifier": pred.probs, "memory": pred.memory_scores}
+    return out
+
+
+def aucs(preds: dict[str, dict]) -> dict:
+    """Per-site AUCs and the AUC over the union of the given sites' test slides, per head."""
+    res: dict = {"sites": {}, "pooled": {}}
+    heads = ["classifier"] + (["memory"] if all(p["memory"] is not None for p in preds.values()) else [])
+    for name, p in preds.items():
+        res["sites"][name] = {h: roc_auc(p["labels"], p[h]) for h in heads}
+        res["sites"][name]["n"] = int(len(p["labels"]))
+    if len(preds) > 1:
+        y = np.concatenate([p["labels"] for p in preds.values()])
+        for h in heads:
+            res["pooled"][h] = roc_auc(y, np.concatenate([p[h] for p in preds.values()]))
+    return res
+
+
+def evaluate_checkpoint(path: Path, cfg: Config, sites: list[SiteConfig]) -> dict:
+    from momkd_fed.checkpoint import load_model
+
+    model, _, _ = load_model(path)
+    return aucs(site_predictions(model, cfg, sites))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# runs
+
+
+def run_pooled(cfg: Config, out: Path) -> dict:
+    from momkd_fed.training import run_training
+
+    run_training(cfg, out, pooled=True)
+    return evaluate_checkpoint(out / "model.pt", cfg, cfg.sites)
+
+
+def run_local(cfg: Config, out: Path) -> dict:
+    """Each site alone; each site's test slides scored by its own model ("pooled" = union of those scores)."""
+    from momkd_fed.checkpoint import load_model
+    from momkd_fed.errors import MomkdError
+    from momkd_fed.training import run_training
+
+    preds, errors = {}, {}
+    for sc in cfg.sites:
+        try:
+            run_training(cfg, out / sc.name, site=sc.name)
+        except MomkdError as exc:
+            log.warning("local %s at %s failed: %s", cfg.model.name, sc.name, exc)
+            errors[sc.name] = str(exc)
+            continue
+        model, _, _ = load_model(out / sc.name / "model.pt")
+        preds.update(site_predictions(model, cfg, [sc]))
+    res = aucs(preds)
+    res["errors"] = errors
+    return res
+
+
+def run_federated(cfg: Config, out: Path) -> dict:
+    from server.simulate import run_simulation
+
+    status, summary = run_simulation(cfg, out)
+    if summary is None:
+        raise RuntimeError(f"federated run did not complete: {status} (see {out / 'flower' / 'run.log'})")
+    res = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
+    res["rounds_completed"] = summary.get("rounds_completed")
+    res["personal_classifier"] = summary.get("test_auc_personal")
+    res["privacy"] = summary.get("privacy")
+    return res
+
+
+def fed_config(cfg: Config) -> Config:
+    """Share the classifier (and tau) so the global model's classifier is trained; ABMIL shares all of itself."""
+    fed = cfg.federation
+    if cfg.model.name == "abmil":
+        fed = dataclasses.replace(fed, shared=list(ABMIL_SHARED), paired_only=[])
+    else:
+        fed = dataclasses.replace(fed, shared=list(dict.fromkeys(fed.shared + MOMKD_SHARED_EXTRA)))
+    return dataclasses.replace(cfg, federation=fed)
+
+
+def histology_only(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, sites=[dataclasses.replace(s, omics="") for s in cfg.sites])
+
+
+def plan(a: argparse.Namespace, base: Config, seed: int) -> list[tuple[str, str, str, Config]]:
+    """(setting, model, variant, config) for every run of one task and seed."""
+    momkd = with_overrides(base, {"model.name": "momkd"})
+    abmil = with_overrides(base, {"model.name": "abmil"})
+    runs = []
+    if "pooled" in a.parts:
+        runs += [("pooled", "momkd", "main", momkd), ("pooled", "abmil", "main", abmil)]
+    if "local" in a.parts:
+        runs += [("local", "momkd", "main", momkd), ("local", "abmil", "main", abmil)]
+    if "federated" in a.parts:
+        runs += [("federated", "momkd", "main", fed_config(momkd)), ("federated", "abmil", "main", fed_config(abmil))]
+    if "privacy" in a.parts and seed in a.extra_seeds:
+        private = with_overrides(momkd, {"privacy.enabled": True, "memory.update": "ema"})
+        runs += [("federated", "momkd", "privacy_on", fed_config(private))]
+    if "ablations" in a.parts and seed in a.extra_seeds:
+        runs += [("pooled", "momkd", "memory_frozen", with_overrides(momkd, {"memory.update": "frozen"})),
+                 ("pooled", "momkd", "memory_ema", with_overrides(momkd, {"memory.update": "ema"})),
+                 ("pooled", "momkd", "no_genomics", histology_only(momkd))]
+    return runs
+
+
+def execute(setting: str, cfg: Config, out: Path) -> dict:
+    if setting == "pooled":
+        return run_pooled(cfg, out)
+    if setting == "local":
+        return run_local(cfg, out)
+    return run_federated(cfg, out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _fmt(vals: list[float]) -> str:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.3f}"
+    return f"{np.mean(v):.3f}±{np.std(v, ddof=1):.3f}"
+
+
+def _site_mean(row: dict, head: str, sites: list[str]) -> float:
+    vals = [row["result"]["sites"].get(s, {}).get(head) for s in sites]
+    vals = [v for v in vals if v is not None and math.isfinite(v)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, list[str]]) -> str:
+    """Markdown: per task, one line per (setting, model, variant, head): mean±std over seeds."""
+    lines = []
+    keyset = []
+    for r in rows:
+        k = (r["setting"], r["model"], r["variant"])
+        if k not in keyset:
+            keyset.append(k)
+    order = {"pooled": 0, "local": 1, "federated": 2}
+    keyset.sort(key=lambda k: (k[2] != "main", order[k[0]], k[1], k[2]))
+    for task in sorted({r["task"] for r in rows}, key=TASKS.index):
+        lines += [f"#### {task.upper()} (test AUC, mean±std over seeds; sites with genomics: "
+                  f"{', '.join(genomic[task])}; histology-only: {', '.join(histo[task])})", "",
+                  "| setting | model | variant | head | per-site mean, genomic sites | per-site mean, histology-only "
+                  "sites | all test slides pooled | seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in keyset:
+            rs = [r for r in rows if r["task"] == task and (r["setting"], r["model"], r["variant"]) == k
+                  and "result" in r]
+            if not rs:
+                continue
+            heads = ["classifier"] + (["memory"] if k[1] == "momkd" else [])
+            for h in heads:
+                g = _fmt([_site_mean(r, h, genomic[task]) for r in rs])
+                ho = _fmt([_site_mean(r, h, histo[task]) for r in rs])
+                po = _fmt([r["result"]["pooled"].get(h, math.nan) for r in rs])
+                lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {h} | {g} | {ho} | {po} | {len(rs)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("momkd_fed", "server", "client", "flwr"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    torch.set_num_threads(a.threads)
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ov = model_overrides(a)
+    results_path = out / "results.jsonl"
+    done = {}
+    if results_path.exists():  # resume: skip runs already recorded with the same settings
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("overrides") == json.loads(json.dumps(ov)):
+                done[(r["task"], r["seed"], r["setting"], r["model"], r["variant"])] = r
+    rows = list(done.values())
+    genomic, histo = {}, {}
+    for task in a.tasks:
+        base = with_overrides(load_config(cohort(a, task)), ov)
+        genomic[task] = [s.name for s in base.sites if s.omics]
+        histo[task] = [s.name for s in base.sites if not s.omics]
+        for seed in a.seeds:
+            seeded = with_overrides(base, {"train.seed": seed})
+            for setting, model, variant, cfg in plan(a, seeded, seed):
+                key = (task, seed, setting, model, variant)
+                if key in done:
+                    continue
+                run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{model}-{variant}"
+                t0 = time.perf_counter()
+                row = {"task": task, "seed": seed, "setting": setting, "model": model, "variant": variant,
+                       "overrides": ov}
+                try:
+                    row["result"] = execute(setting, cfg, run_dir)
+                except Exception as exc:  # one failed run is recorded, not fatal to the benchmark
+                    if type(exc).__name__ == "_Interrupted":  # SIGTERM during a simulation: stop here
+                        raise
+                    log.exception("%s failed", key)
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                row["seconds"] = time.perf_counter() - t0
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row, default=_json_default) + "\n")
+                rows.append(json.loads(json.dumps(row, default=_json_default)))
+                res = row.get("result", {})
+                log.info("%-4s seed %d %-9s %-5s %-13s %5.0f s  pooled %s  sites %s", task, seed, setting, model,
+                         variant, row["seconds"], _short(res.get("pooled", {})),
+                         {s: _short(v) for s, v in res.get("sites", {}).items()} if res else row.get("error"))
+                if not a.keep_runs and "error" not in row:  # failed runs keep their folder (logs)
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    seconds = time.perf_counter() - t_start
+    rows = [r for r in rows if r["task"] in a.tasks and r["seed"] in a.seeds]
+    md = report(a, argv, rows, genomic, histo, seconds)
+    (out / "results.md").write_text(md)
+    (out / "summary.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, default=_json_default,
+                                                 indent=1))
+    print(md)
+    return 0
+
+
+def _short(d: dict) -> str:
+    return "/".join(f"{d[h]:.2f}" for h in ("classifier", "memory") if h in d and d[h] is not None
+                    and math.isfinite(d[h]))
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def report(a, argv, rows, genomic, histo, seconds) -> str:
+    cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "max_slides_per_site",
+                                            "median_patches", "max_patches", "epochs", "patience", "rounds",
+                                            "local_epochs", "lr", "precision", "threads", "model_config")}
+    run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
+    head = [f"Run {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} CPUs visible, "
+            f"torch {torch.__version__}; {len(rows)} trainings, {run_minutes:.1f} min of run time in all (this "
+            f"invocation: {seconds / 60:.1f} min wall).", "", f"Command: `{cmd}`", "",
+            "Settings: `" + json.dumps(settings) + "`", "",
+            "Config overrides: `" + json.dumps(model_overrides(a)) + "`", ""]
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        head += ["Failed runs: " + "; ".join(f"{r['task']}/{r['seed']}/{r['setting']}/{r['model']}/"
+                                             f"{r['variant']}: {r['error']}" for r in errs), ""]
+    return "\n".join(head) + "\n" + tables(rows, genomic, histo)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
