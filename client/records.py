@@ -54,7 +54,7 @@ def to_record(tensors: Mapping[str, torch.Tensor | np.ndarray], wire_dtype: str 
             continue
         if isinstance(v, torch.Tensor):
             v = contract.to_numpy({k: v})[k]
-        arrays[k] = Array(np.ascontiguousarray(v))
+        arrays[k] = Array(np.asarray(v, order="C"))  # keeps 0-d tensors 0-d (ascontiguousarray makes them 1-d)
     return ArrayRecord(arrays)
 
 
@@ -67,7 +67,7 @@ def _delta_array(delta: torch.Tensor, wire_dtype: str) -> Array:
     shape = tuple(int(d) for d in delta.shape)
     if wire_dtype == "float16":
         buf = BytesIO()
-        np.save(buf, np.ascontiguousarray(delta.numpy().astype(np.float16)), allow_pickle=False)
+        np.save(buf, np.asarray(delta.numpy().astype(np.float16), order="C"), allow_pickle=False)
         return Array(dtype="float16", shape=shape, stype=DELTA_STYPE + wire_dtype, data=buf.getvalue())
     raw = delta.contiguous().to(torch.bfloat16).view(torch.int16).numpy().astype("<i2")  # round to nearest even
     return Array(dtype="bfloat16", shape=shape, stype=DELTA_STYPE + wire_dtype, data=raw.tobytes())

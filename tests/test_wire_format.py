@@ -134,3 +134,14 @@ def test_round_with_bf16_wire(tmp_path):
     # received bytes: about half of the float32 shared weights (plus float32 memory aggregates)
     sent_shared = sum(4 * v.numel() for v in st.shared.values())
     assert r1["bytes_received"]["hospital_a"] < 0.6 * sent_shared
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_zero_dim_parameters_keep_their_shape(wire):
+    """A 0-d parameter (e.g. log_tau, when the config shares it) comes back 0-d, so sites can load it."""
+    base = {"log_tau": torch.tensor(-1.6)}
+    new = {"log_tau": torch.tensor(-1.5)}
+    rec = R.to_record(new, wire, base)
+    wire_rec = {k: array_from_proto(array_to_proto(a)) for k, a in rec.items()}
+    out = R.from_record(wire_rec, base=base)
+    assert out["log_tau"].shape == () and abs(float(out["log_tau"]) + 1.5) < 1e-2

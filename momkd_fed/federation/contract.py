@@ -188,7 +188,7 @@ def to_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         t = t.detach().cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()
-        out[k] = np.ascontiguousarray(t.numpy())
+        out[k] = np.asarray(t.numpy(), order="C")  # keeps 0-d tensors 0-d
     return out
 
 
