@@ -79,6 +79,7 @@ def check_data(
     """Validate a site or a whole federation against the data contract; list every problem."""
     from .config import load_config
     from .data.check import check_federation, check_site, summarize_site
+    from .data.site import load_site
 
     try:
         cfg = load_config(config)
@@ -88,13 +89,17 @@ def check_data(
         problems = check_federation(cfg) if site is None else check_site(sites[0], cfg)
     except MomkdError as exc:
         _fail(exc)
-    if problems:
-        for p in problems:
-            typer.secho(str(p), err=True, fg=typer.colors.RED)
-        typer.secho(f"{len(problems)} problem(s) found", err=True, fg=typer.colors.RED)
+    errors = [p for p in problems if p.level == "error"]
+    for p in problems:  # warnings and counts of excluded slides are shown, only errors fail the check
+        typer.secho(str(p), err=True, fg=typer.colors.RED if p.level == "error" else None)
+    if errors:
+        typer.secho(f"{len(errors)} error(s) found", err=True, fg=typer.colors.RED)
         raise typer.Exit(code=1)
-    for s in sites:
-        typer.echo(summarize_site(s, cfg))
+    try:
+        for s in sites:
+            typer.echo(summarize_site(load_site(s, cfg)))
+    except MomkdError as exc:
+        _fail(exc)
     typer.echo("data OK")
 
 

@@ -10,7 +10,7 @@ from ..config import Config, SiteConfig
 from ..errors import DataError
 from .bag import SPLITS, SiteData
 from .cache import load_slides
-from .manifest import Manifest, read_manifest
+from .manifest import UNKNOWN_LABEL, Manifest, read_manifest
 from .omics import Omics, read_omics
 from .site import assign_splits, resolve_feature_files, site_cache
 
@@ -71,8 +71,12 @@ def _check_site(site: SiteConfig, cfg: Config) -> tuple[list[Problem], _Facts]:
         return out, facts
 
     for reason, n in sorted(Counter(r for _, r in manifest.excluded).items()):
-        out.append(Problem(manifest.path, cfg.data.label_column, f"{n} slides excluded: {reason}",
-                           level="info"))
+        if reason.startswith(UNKNOWN_LABEL):
+            out.append(Problem(manifest.path, cfg.data.label_column, f"{n} slides have an {reason}",
+                               "add the value to data.label_map, or correct the manifest"))
+        else:
+            out.append(Problem(manifest.path, cfg.data.label_column, f"{n} slides excluded: {reason}",
+                               level="info"))
     if not manifest.rows:
         out.append(Problem(manifest.path, cfg.data.label_column,
                            f"no slide has a label in data.label_map {sorted(cfg.data.label_map)}",

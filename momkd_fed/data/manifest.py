@@ -39,6 +39,13 @@ class Manifest:
         return sorted({r.case_id for r in self.rows})
 
 
+# Values that mean "no result" in clinical tables (compared after normalize_label): excluded quietly (counted).
+NOT_DETERMINED = frozenset({"indeterminate", "equivocal", "unknown", "[unknown]", "not available", "[not available]",
+                            "not evaluated", "[not evaluated]", "not performed", "pending", "na", "n/a", "none",
+                            "[discrepancy]", "discrepancy"})
+UNKNOWN_LABEL = "unknown label"  # reason prefix of a value that is neither mapped nor a no-result value
+
+
 def normalize_label(value: object) -> str | None:
     """Canonical string form of a label cell: stripped, lower-case, numeric strings as integers where exact
     ("1.0" -> "1", 1 -> "1"). Returns None for a missing cell (NaN, None, empty)."""
@@ -130,8 +137,12 @@ def read_manifest(path: str | Path, label_column: str, label_map: dict[str, int]
             excluded.append((slide_id, f"missing label in column {label_column!r}"))
             continue
         if lab not in lmap:
-            excluded.append((slide_id, f"label {str(raw_label).strip()!r} in column {label_column!r} is not in "
-                                       f"data.label_map"))
+            if lab in NOT_DETERMINED:  # a clinical "no result": excluded and counted
+                excluded.append((slide_id, f"label {str(raw_label).strip()!r} in column {label_column!r} is not in "
+                                           f"data.label_map"))
+            else:  # anything else is likely a typo or a wrong label_map: check-data calls it an error
+                excluded.append((slide_id, f"{UNKNOWN_LABEL} {str(raw_label).strip()!r} in column {label_column!r}: "
+                                           f"neither in data.label_map nor a recognised no-result value"))
             continue
         split = None
         if has_split:
