@@ -89,8 +89,10 @@ def _groups(global_weights: Mapping[str, torch.Tensor], updates: Sequence[Shared
     return [k for k in floats if k not in po], [k for k in floats if k in po], [u for u in updates if u.paired]
 
 
-def _combine(global_weights, updates, paired_only, per_key) -> SharedAverage:
-    common, genomic, paired = _groups(global_weights, updates, paired_only)
+def _combine_groups(global_weights, updates, paired_only, per_group, groups=None) -> SharedAverage:
+    """Apply ``per_group(keys, sites) -> {key: float tensor}`` to the common keys over all sites and to the genomic
+    keys over the paired sites; a group nobody sent keeps the global value (frozen), as do integer buffers."""
+    common, genomic, paired = groups or _groups(global_weights, updates, paired_only)
     out = dict(global_weights)
     frozen = [k for k, v in global_weights.items() if not torch.is_floating_point(v)]
     for keys, group in ((common, updates), (genomic, paired)):
@@ -99,11 +101,19 @@ def _combine(global_weights, updates, paired_only, per_key) -> SharedAverage:
         if not group:
             frozen += keys
             continue
-        for k in keys:
-            stack = torch.stack([u.weights[k].detach().float().cpu() for u in group])  # (n, *shape)
-            out[k] = per_key(stack).to(global_weights[k].dtype)
+        for k, v in per_group(keys, group).items():
+            out[k] = v.to(global_weights[k].dtype)
     return SharedAverage(weights={k: out[k] for k in global_weights}, frozen=frozen,
                          num_examples=float(sum(u.num_examples for u in updates)), paired_sites=len(paired))
+
+
+def _combine(global_weights, updates, paired_only, per_key) -> SharedAverage:
+    """Coordinate-wise: ``per_key`` reduces each key's (n_sites, *shape) stack."""
+    def per_group(keys, group):
+        return {k: per_key(torch.stack([u.weights[k].detach().float().cpu() for u in group]))  # (n, *shape)
+                for k in keys}
+
+    return _combine_groups(global_weights, updates, paired_only, per_group)
 
 
 class MedianAggregator:
@@ -176,21 +186,14 @@ class DPMeanAggregator:
             keys = common + ([k for k in genomic if k in u.weights] if u.paired else [])
             delta = update_delta({k: u.weights[k] for k in keys}, global_weights)
             clipped[u.site], self.last_norms[u.site] = clip_update(delta, self.clip_norm)
-        out = dict(global_weights)
-        frozen = [k for k, v in global_weights.items() if not torch.is_floating_point(v)]
-        for keys, group in ((common, updates), (genomic, paired)):
-            if not keys:
-                continue
-            if not group:
-                frozen += keys
-                continue
+
+        def per_group(keys, group):
             n = len(group)
             mean = {k: sum(clipped[u.site][k] for u in group) / n for k in keys}  # (*shape) each
             mean = add_gaussian_noise(mean, self.noise_multiplier * self.clip_norm / n, self.generator)
-            for k in keys:
-                out[k] = (global_weights[k].detach().float().cpu() + mean[k]).to(global_weights[k].dtype)
-        return SharedAverage(weights={k: out[k] for k in global_weights}, frozen=frozen,
-                             num_examples=float(sum(u.num_examples for u in updates)), paired_sites=len(paired))
+            return {k: global_weights[k].detach().float().cpu() + mean[k] for k in keys}
+
+        return _combine_groups(global_weights, updates, paired_only, per_group, (common, genomic, paired))
 
 
 def make_aggregator(cfg: Config, generator: torch.Generator | None = None) -> Aggregator:
