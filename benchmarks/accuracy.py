@@ -13,8 +13,9 @@ For each task and seed:
 - ``local``    : one model per site on that site alone, MoMKD and ABMIL;
 - ``federated``: :func:`server.simulate.run_simulation` (Flower's simulation engine, a real SuperLink), MoMKD
   with the default memory (gradient) and privacy off, and ABMIL; the benchmark also shares MoMKD's
-  classifier head (``federation.shared`` + ``classifier.``; the attention temperature stays private) so that
-  the global model has a trained classifier; the memory-score head needs no head;
+  classifier head and the attention temperature (``federation.shared`` + ``classifier.``, ``log_tau``) so that
+  the global model has a trained classifier that sees the temperature it was trained with (the memory-score
+  head needs neither);
 - ``privacy``  : federated MoMKD with ``privacy.enabled`` and ``memory.update: ema`` (the private defaults);
 - ``ablations``: pooled MoMKD with the memory frozen (k-means init) and in ema mode (gradient = the pooled run),
   and pooled MoMKD with no genomics anywhere (every site histology-only) vs with genomic alignment.
@@ -27,7 +28,8 @@ delta(F_wsi).
 
 Usage::
 
-    python benchmarks/accuracy.py --quick                  # the reduced run of benchmarks/README.md
+    python benchmarks/accuracy.py --quick                  # reduced cohorts, ~40 min on 2 cores
+    python benchmarks/accuracy.py --medium                 # full-size cohorts, small model (benchmarks/README.md)
     python benchmarks/accuracy.py --tasks her2 --seeds 0   # one task, one seed, full-size cohort
 
 Results: ``<out>/results.jsonl`` (one row per trained model), ``<out>/summary.json`` and ``<out>/results.md``
@@ -65,7 +67,7 @@ log = logging.getLogger("accuracy")
 TASKS = ("her2", "pr", "odx")
 PARTS = ("pooled", "local", "federated", "privacy", "ablations")
 ABMIL_SHARED = ["embed.", "attn_v.", "attn_u.", "attn_w.", "classifier."]
-MOMKD_SHARED_EXTRA = ["classifier."]  # log_tau (0-dim) cannot be shared: it arrives as shape (1,) (reported)
+MOMKD_SHARED_EXTRA = ["classifier.", "log_tau"]  # the global model needs a trained head and its temperature
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -83,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the reduced CPU run: 40 slides per site, median 100 patches, configs/cpu_small.yaml "
                         "dims, 6 epochs = 6 rounds, lr 1e-3, fp32, privacy and ablations on the first seed only "
                         "(flags given explicitly win)")
+    p.add_argument("--medium", action="store_true",
+                   help="the CPU run of benchmarks/README.md that speaks to the claims: full-size cohorts, median "
+                        "100 patches (max 300), configs/cpu_small.yaml dims, 15 epochs (patience 5) = 15 rounds, "
+                        "the config's lr, fp32, 1 thread, privacy and ablations on the first seed only")
     p.add_argument("--max-slides-per-site", type=int, default=None, help="cohort size cap per site (0 = all)")
     p.add_argument("--median-patches", type=int, default=None, help="synthetic median bag size")
     p.add_argument("--max-patches", type=int, default=None, help="synthetic largest bag")
@@ -108,13 +114,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  lr=1e-3, precision="fp32", threads=1)
     full = dict(max_slides_per_site=0, median_patches=None, max_patches=None, epochs=20, patience=5, rounds=20,
                 lr=None, precision="fp32", threads=2)
-    for k, v in (quick if a.quick else full).items():
+    medium = dict(max_slides_per_site=0, median_patches=100, max_patches=300, epochs=15, patience=5, rounds=15,
+                  lr=None, precision="fp32", threads=1, model_config=str(ROOT / "configs" / "cpu_small.yaml"))
+    if a.quick and a.medium:
+        p.error("--quick and --medium: choose one")
+    for k, v in (quick if a.quick else medium if a.medium else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
     a.tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     if a.extra_seeds is None:
-        a.extra_seeds = a.seeds[:1] if a.quick else a.seeds
+        a.extra_seeds = a.seeds[:1] if (a.quick or a.medium) else a.seeds
     else:
         a.extra_seeds = [int(s) for s in a.extra_seeds.split(",") if s.strip()]
     a.parts = [s.strip() for s in a.parts.split(",") if s.strip()]
@@ -265,7 +275,7 @@ def run_federated(cfg: Config, out: Path) -> dict:
 
 
 def fed_config(cfg: Config) -> Config:
-    """Share the classifier (and tau) so the global model's classifier is trained; ABMIL shares all of itself."""
+    """Share the classifier and tau so the global model's classifier is trained; ABMIL shares all of itself."""
     fed = cfg.federation
     if cfg.model.name == "abmil":
         fed = dataclasses.replace(fed, shared=list(ABMIL_SHARED), paired_only=[])
