@@ -88,6 +88,26 @@ def test_frozen_memory_excluded_from_optimizer():
     assert any(id(p) in opt_ids for p in model.memory.parameters())
 
 
+def test_optimizer_is_fused_adamw_where_supported_and_steps_as_the_default():
+    cfg = tiny_cfg()
+    model, ref = fresh_model(cfg), fresh_model(cfg)
+    opt = make_optimizer(model, cfg.train)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["fused"] is (True if torch.__version__ >= "2.4" else None)  # CPU kernel since torch 2.4
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    ref_opt = torch.optim.AdamW(ref_params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # the same gradients into both: the same update, up to rounding
+        for a, b in zip(params, ref_params):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_balanced_sampling_evens_out_classes():
     bags = make_bags(40)
     for b in bags[:30]:
