@@ -179,3 +179,18 @@ def test_encoder_inference_in_place_path_matches_autograd_path():
     with torch.no_grad():
         no_grad = enc(x, neighbors)
     torch.testing.assert_close(no_grad, with_grad, atol=0, rtol=0)
+
+
+def test_jk_maximum_gradient_equals_torch_maximum_ties_included():
+    torch.manual_seed(8)
+    a = torch.randn(300, 40)
+    b = torch.where(torch.rand(300, 40) < 0.5, a, torch.randn(300, 40))  # half the elements tie (dropout zeros)
+    g = torch.randn(300, 40)
+    ours = [t.clone().requires_grad_(True) for t in (a, b)]
+    ref = [t.clone().requires_grad_(True) for t in (a, b)]
+    out = gatv2._Maximum.apply(*ours)
+    assert torch.equal(out, torch.maximum(*ref))
+    out.backward(g)
+    torch.maximum(*ref).backward(g)
+    for x, y in zip(ours, ref):
+        assert torch.equal(x.grad, y.grad)  # bit for bit: grad, grad / 2 on ties, 0
