@@ -1,13 +1,15 @@
 """Benchmark: MoMKD training-step and inference speed and peak memory, ours vs. a torch_geometric comparator.
 
-The comparator is the same MoMKD model (same weights, heads, losses, optimiser) except that its histology
-encoder is built from torch_geometric's ``GATv2Conv`` at the same dims (2 heads concatenated, residual projection,
-LayerNorm, ELU, dropout, jumping-knowledge max), on an ``edge_index`` made from the same kNN graph -- what the
-reference implementation runs. torch_geometric is a benchmark/test-only dependency.
+The comparator is the same MoMKD model (same weights, heads, losses) except that its histology encoder is built
+from torch_geometric's ``GATv2Conv`` at the same dims (2 heads concatenated, residual projection, LayerNorm, ELU,
+dropout, jumping-knowledge max), on an ``edge_index`` made from the same kNN graph, and that it steps with torch's
+default ``AdamW`` -- what the reference implementation runs. Ours steps with the optimiser the engine builds
+(``momkd_fed.engine.make_optimizer``: the fused AdamW kernel where torch has one). torch_geometric is a
+benchmark/test-only dependency.
 
 Measured per bag size P and precision (fp32; bf16 = ``torch.autocast`` bfloat16 with fp32 master weights):
 
-- training step: forward, loss with paired omics (G = 768), backward, gradient clipping, AdamW step,
+- training step: forward, loss with paired omics (G = 768), backward, gradient clipping, AdamW step (see above),
   ``after_step``; median over ``--steps`` steps after ``--warmup``, ours and comparator interleaved step by step
   so that both see the same machine noise; wall time and process CPU time (``x cpu``: the CPU-time ratio, the
   robust figure on a shared machine with ``--threads 1``);
@@ -141,15 +143,23 @@ def make_bag(p: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor,
 
 
 class Stepper:
-    """A model with its AdamW optimiser; ``train_step`` and ``infer`` as the engine runs them."""
+    """A model with its AdamW optimiser; ``train_step`` and ``infer`` as the engine runs them.
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: str) -> None:
+    ``reference``: torch's default AdamW, as the reference implementation (the comparator); otherwise the
+    engine's ``make_optimizer`` (ours).
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str, reference: bool = False) -> None:
         from momkd_fed.config import TrainConfig
         from momkd_fed.engine import make_optimizer
 
         self.model, self.device, self.precision = model, device, precision
         self.cfg = TrainConfig(precision=precision)
-        self.opt = make_optimizer(model, self.cfg)
+        if reference:
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        else:
+            self.opt = make_optimizer(model, self.cfg)
         self.params = [p for grp in self.opt.param_groups for p in grp["params"]]
         self.step_no = 0
 
@@ -202,7 +212,7 @@ def time_pair(p: int, precision: str, device: torch.device, steps: int, warmup: 
     several threads it also counts OpenMP spin-waiting.
     """
     feats, nbrs, omics = make_bag(p, device)
-    steppers = {k: Stepper(m, device, precision) for k, m in build_models(device).items()}
+    steppers = {k: Stepper(m, device, precision, reference=k == "pyg") for k, m in build_models(device).items()}
     times: dict[str, dict[str, list[float]]] = {k: {} for k in steppers}
     for mode in ("train", "infer"):
         for i in range(warmup + steps):
@@ -263,7 +273,7 @@ def memory_child(impl: str, p: int, precision: str, mode: str, device_name: str,
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
     feats, nbrs, omics = make_bag(p, device)
-    st = Stepper(build_models(device, impl)[impl], device, precision)
+    st = Stepper(build_models(device, impl)[impl], device, precision, reference=impl == "pyg")
     for _ in range(2):
         st.train_step(feats, nbrs, omics) if mode == "train" else st.infer(feats, nbrs)
     if device.type == "cuda":
