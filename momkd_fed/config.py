@@ -121,7 +121,7 @@ class FederationConfig:
     fraction_train: float = 1.0  # fraction of sites sampled per round
     min_sites: int = 2  # minimum sites per round
     server_lr: float = 1.0  # FedAvgM server learning rate
-    server_momentum: float = 0.9  # FedAvgM server momentum
+    server_momentum: float = 0.0  # FedAvgM server momentum (0 = FedAvg; 0.9 at server_lr 1 overshoots, see benchmarks)
     memory_momentum: float = 0.5  # mu_s: C <- normalise(mu_s*C + (1-mu_s)*merged)
     shared: list[str] = field(  # state-dict key prefixes that leave a site (averaged)
         default_factory=lambda: ["histology_encoder.", "patch_proj.", "slide_proj.", "omics_encoder.", "omics_proj."]

@@ -37,8 +37,8 @@ from .local_superlink import COMPLETED, FINISHED, LocalSuperLink
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path("runs/simulate")
-STATUS_EVERY = 10.0  # seconds between `flwr ls` status checks (each one costs a CLI start-up), and at once
-# when summary.json appears
+STATUS_EVERY = 30.0  # seconds between `flwr ls` status checks (each one costs a CLI start-up: ~1-2 s of CPU), and
+# at once when summary.json appears
 BASELINES = ("local", "centralized")
 
 
