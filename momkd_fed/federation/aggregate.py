@@ -187,8 +187,8 @@ class FedAvgMState:
         Float32 momentum buffer per floating key; None before the first step (and always when momentum is 0).
     """
 
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
+    server_lr: float  # no defaults here: the config states them once
+    server_momentum: float
     momentum: dict[str, torch.Tensor] | None = None
 
     def step(self, global_weights: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor],
