@@ -136,15 +136,23 @@ def stop_all(procs: list[FlowerProcess]) -> None:
             pass
 
 
+def _cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" if it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def leftover(pids: set[int]) -> list[str]:
     """Which of ``pids`` are still alive (not zombies): 'pid cmdline'."""
     out = []
     for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
+        cmd = _cmdline(pid)
         if stat != "Z":
             out.append(f"{pid} {cmd[:150]}")
     return out
@@ -155,12 +163,15 @@ def run(argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProce
 
 
 class Watch:
-    """Samples every process below this one while a test runs, to check afterwards that none survived."""
+    """Samples every process below this one while a test runs, to check afterwards that none survived.
+
+    ``seen``: pid -> (start time, command line) of every process sampled.
+    """
 
     def __init__(self) -> None:
         import threading
 
-        self.seen: dict[int, str] = {}
+        self.seen: dict[int, tuple[str, str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -169,8 +180,9 @@ class Watch:
 
         while not self._stop.is_set():
             for pid in _descendants(os.getpid()):
-                self.seen.setdefault(pid, _start_time(pid))
-            self._stop.wait(0.5)
+                if pid not in self.seen:
+                    self.seen[pid] = (_start_time(pid), _cmdline(pid))
+            self._stop.wait(0.3)
 
     def __enter__(self) -> "Watch":
         self._thread.start()
@@ -183,4 +195,4 @@ class Watch:
     def survivors(self) -> list[str]:
         from server.deploy import _start_time
 
-        return leftover({pid for pid, t in self.seen.items() if t and _start_time(pid) == t})
+        return leftover({pid for pid, (t, _) in self.seen.items() if t and _start_time(pid) == t})

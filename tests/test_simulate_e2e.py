@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
-import psutil
 import pytest
 import torch
+from deploy_harness import Watch
 
 pytestmark = pytest.mark.slow
 
@@ -19,53 +18,11 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
-class ProcessWatch:
-    """Samples every descendant of this process while a simulation runs (SuperLink, superexec,
-    flwr-simulation, Ray's gcs/raylet/workers all start below us), to check afterwards that none survived."""
-
-    def __init__(self) -> None:
-        self.seen: dict[int, tuple[float, str]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                for p in me.children(recursive=True):
-                    try:
-                        self.seen.setdefault(p.pid, (p.create_time(), " ".join(p.cmdline())[:120]))
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            self._stop.wait(0.3)
-
-    def __enter__(self) -> "ProcessWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def survivors(self) -> list[str]:
-        out = []
-        for pid, (created, cmd) in self.seen.items():
-            try:
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    out.append(f"{pid}: {cmd}")
-            except psutil.NoSuchProcess:
-                pass
-        return out
-
-
 def test_simulate_tiny_end_to_end(tmp_path):
     from server.simulate import simulate
 
     out = tmp_path / "run"
-    with ProcessWatch() as watch:
+    with Watch() as watch:
         code = simulate(None, out, [])
     assert code == 0
     names = {cmd.split()[1].rsplit("/", 1)[-1] if len(cmd.split()) > 1 else cmd for _, cmd in watch.seen.values()}
@@ -112,7 +69,7 @@ def test_simulate_resume_matches_uninterrupted(tmp_path):
     yaml = synthesize("tiny", tmp_path / "data", seed=0)
     over = {"memory.kmeans_iters": 3}
     out = tmp_path / "sim"
-    with ProcessWatch() as watch:
+    with Watch() as watch:
         status, _ = run_simulation(load_config(yaml, {**over, "federation.rounds": 1}), out)
         assert status == "finished:completed"
         status, summary = run_simulation(load_config(yaml, {**over, "federation.rounds": 2}), out, resume=True)
