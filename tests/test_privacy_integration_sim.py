@@ -18,13 +18,13 @@ def test_simulation_with_privacy_reports_epsilon(tmp_path):
     from momkd_fed.synth import synthesize
     from server.simulate import run_simulation
 
-    from test_simulate_e2e import ProcessWatch
+    from deploy_harness import Watch
 
     yaml = synthesize("tiny", tmp_path / "data", seed=0)
     cfg = load_config(yaml, {"federation.rounds": 2, "memory.kmeans_iters": 3, "memory.update": "ema",
                              "privacy.enabled": True})
     out = tmp_path / "sim"
-    with ProcessWatch() as watch:
+    with Watch() as watch:
         status, summary = run_simulation(cfg, out)
     assert status == "finished:completed" and summary["rounds_completed"] == 2
     assert watch.survivors() == []
