@@ -81,6 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2", help="training seeds (comma list)")
     p.add_argument("--data-seed", type=int, default=0, help="cohort seed (histology and splits)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    p.add_argument("--models", default="momkd,abmil", help="comma list of momkd, abmil")
     p.add_argument("--quick", action="store_true",
                    help="the reduced CPU run: 40 slides per site, median 100 patches, configs/cpu_small.yaml "
                         "dims, 6 epochs = 6 rounds, lr 1e-3, fp32, privacy and ablations on the first seed only "
@@ -128,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     else:
         a.extra_seeds = [int(s) for s in a.extra_seeds.split(",") if s.strip()]
     a.parts = [s.strip() for s in a.parts.split(",") if s.strip()]
-    bad = [t for t in a.tasks if t not in TASKS] + [q for q in a.parts if q not in PARTS]
+    a.models = [s.strip() for s in a.models.split(",") if s.strip()]
+    bad = ([t for t in a.tasks if t not in TASKS] + [q for q in a.parts if q not in PARTS]
+           + [m for m in a.models if m not in ("momkd", "abmil")])
     if bad:
         p.error(f"unknown task/part {bad}")
     return a
@@ -267,7 +270,11 @@ def run_federated(cfg: Config, out: Path) -> dict:
     status, summary = run_simulation(cfg, out)
     if summary is None:
         raise RuntimeError(f"federated run did not complete: {status} (see {out / 'flower' / 'run.log'})")
-    res = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
+    # the round with the best pooled validation AUC, as the centralised runs keep their best epoch; the last
+    # round's model is scored too (the comparison before best-round selection existed)
+    res = evaluate_checkpoint(out / "best_model.pt", cfg, cfg.sites)
+    res["best_round"] = summary.get("best", {}).get("round")
+    res["last_round"] = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
     res["rounds_completed"] = summary.get("rounds_completed")
     res["personal_classifier"] = summary.get("test_auc_personal")
     res["privacy"] = summary.get("privacy")
@@ -306,7 +313,7 @@ def plan(a: argparse.Namespace, base: Config, seed: int) -> list[tuple[str, str,
         runs += [("pooled", "momkd", "memory_frozen", with_overrides(momkd, {"memory.update": "frozen"})),
                  ("pooled", "momkd", "memory_ema", with_overrides(momkd, {"memory.update": "ema"})),
                  ("pooled", "momkd", "no_genomics", histology_only(momkd))]
-    return runs
+    return [r for r in runs if r[1] in a.models]
 
 
 def execute(setting: str, cfg: Config, out: Path) -> dict:
@@ -330,10 +337,14 @@ def _fmt(vals: list[float]) -> str:
     return f"{np.mean(v):.3f}±{np.std(v, ddof=1):.3f}"
 
 
-def _site_mean(row: dict, head: str, sites: list[str]) -> float:
-    vals = [row["result"]["sites"].get(s, {}).get(head) for s in sites]
+def _site_mean(result: dict, head: str, sites: list[str]) -> float:
+    vals = [result["sites"].get(s, {}).get(head) for s in sites]
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def _rounds(rounds: list) -> str:
+    return "rounds " + ", ".join("?" if r is None else str(r) for r in rounds)
 
 
 def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, list[str]]) -> str:
@@ -358,11 +369,17 @@ def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, lis
             if not rs:
                 continue
             heads = ["classifier"] + (["memory"] if k[1] == "momkd" else [])
-            for h in heads:
-                g = _fmt([_site_mean(r, h, genomic[task]) for r in rs])
-                ho = _fmt([_site_mean(r, h, histo[task]) for r in rs])
-                po = _fmt([r["result"]["pooled"].get(h, math.nan) for r in rs])
-                lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {h} | {g} | {ho} | {po} | {len(rs)} |")
+            variants = [(k[2], [r["result"] for r in rs])]
+            if all("last_round" in r["result"] for r in rs):  # federated: the best round's model, then the last's
+                variants[0] = (f"{k[2]}, best round ({_rounds([r['result'].get('best_round') for r in rs])})",
+                               variants[0][1])
+                variants.append((f"{k[2]}, last round", [r["result"]["last_round"] for r in rs]))
+            for variant, results in variants:
+                for h in heads:
+                    g = _fmt([_site_mean(res, h, genomic[task]) for res in results])
+                    ho = _fmt([_site_mean(res, h, histo[task]) for res in results])
+                    po = _fmt([res["pooled"].get(h, math.nan) for res in results])
+                    lines.append(f"| {k[0]} | {k[1]} | {variant} | {h} | {g} | {ho} | {po} | {len(results)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -455,9 +472,10 @@ def report(a, argv, rows, genomic, histo, seconds) -> str:
                 break
     except OSError:
         pass
-    settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "max_slides_per_site",
-                                            "median_patches", "max_patches", "epochs", "patience", "rounds",
-                                            "local_epochs", "lr", "precision", "threads", "model_config")}
+    settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "models",
+                                            "max_slides_per_site", "median_patches", "max_patches", "epochs",
+                                            "patience", "rounds", "local_epochs", "lr", "precision", "threads",
+                                            "model_config")}
     run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
     head = [f"Run {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} CPUs visible, "
             f"torch {torch.__version__}; {len(rows)} trainings, {run_minutes:.1f} min of run time in all (this "

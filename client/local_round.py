@@ -214,27 +214,29 @@ def audit_reply(rt: SiteRuntime, state_dir: Path, round_: int, kind: str, record
 
 
 def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Histology-only test metrics of the global and of the personalised model.
+    """Histology-only test and validation metrics of the global and of the personalised model.
 
     Returns
     -------
     global_metrics, personal_metrics : dict
-        Each exactly :data:`contract.EVALUATE_METRIC_KEYS`. The global model's classifier AUC and loss are NaN
-        unless ``classifier.`` is shared (its head would be the untrained initial one).
+        Each exactly :data:`contract.EVALUATE_METRIC_KEYS`. The global model's classifier AUCs and loss are NaN
+        unless ``classifier.`` is shared (its head would be the untrained initial one). The server picks the
+        federation's best round from the global validation AUCs.
     """
     cfg = rt.cfg
-    test = rt.normalised("test", None, None)
+    splits = {"test": rt.normalised("test", None, None), "val": rt.normalised("val", None, None)}
     head_shared = any(p.startswith("classifier") for p in cfg.federation.shared)
-    glob = evaluate(_assemble(rt, g, None), test, rt.device, cfg.train.precision)
     saved = load_site_state(state_dir, g.round, inclusive=True)
-    pers = evaluate(_assemble(rt, g, saved.private if saved else None), test, rt.device, cfg.train.precision)
-    global_metrics = contract.evaluate_metrics(
-        num_examples=len(test), test_auc=_auc(glob.labels, glob.probs) if head_shared else math.nan,
-        test_auc_memory=_auc(glob.labels, glob.memory_scores), test_loss=glob.loss if head_shared else math.nan)
-    personal_metrics = contract.evaluate_metrics(
-        num_examples=len(test), test_auc=_auc(pers.labels, pers.probs),
-        test_auc_memory=_auc(pers.labels, pers.memory_scores), test_loss=pers.loss)
-    return global_metrics, personal_metrics
+    out = []
+    for model, head in ((_assemble(rt, g, None), head_shared), (_assemble(rt, g, saved.private if saved else None),
+                                                                True)):
+        test, val = (evaluate(model, splits[s], rt.device, cfg.train.precision) for s in ("test", "val"))
+        out.append(contract.evaluate_metrics(
+            num_examples=len(splits["test"]), test_auc=_auc(test.labels, test.probs) if head else math.nan,
+            test_auc_memory=_auc(test.labels, test.memory_scores), test_loss=test.loss if head else math.nan,
+            val_slides=len(splits["val"]), val_auc=_auc(val.labels, val.probs) if head else math.nan,
+            val_auc_memory=_auc(val.labels, val.memory_scores)))
+    return out[0], out[1]
 
 
 def kmeans_points(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> dict[int, torch.Tensor]:

@@ -6,7 +6,9 @@ Layout of a run folder (simulate and server)::
     rounds.jsonl         one JSON object per completed round, appended and flushed as each round ends
     summary.json         written at the end (atomically): rounds_completed, test_auc {pooled, <site>...}, ...
     checkpoints/         round_NNNN.pt, self-describing (see server/run_outputs.py)
-    global_model.pt      the final global model, loadable by ``momkd-fed predict``
+    global_model.pt      the final global model (last round), loadable by ``momkd-fed predict``
+    best_model.pt        the global model of the round with the best pooled validation AUC (``summary.json``
+                         ``"best"``): the one to use, as a centralised run's ``model.pt`` is its best epoch
     predictions/         test_<site>.csv per-slide test scores, written only where the data is local
                          (simulate, train); a real federation never moves per-slide outputs
 
@@ -29,6 +31,7 @@ ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 GLOBAL_MODEL_FILE = "global_model.pt"
+BEST_MODEL_FILE = "best_model.pt"
 CHECKPOINT_DIR = "checkpoints"
 PREDICTIONS_DIR = "predictions"
 PREDICTION_COLUMNS = ("slide_id", "label", "probability", "memory_score")

@@ -24,10 +24,11 @@ from flwr.serverapp import Grid
 from momkd_fed.config import Config, dump_yaml
 from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import FedAvgMState
+from momkd_fed.federation.selection import monitor_key, pooled_validation
 from momkd_fed.federation.sharing import partition_state, validate_sharing
 from momkd_fed.privacy import check_privacy
-from momkd_fed.run_log import (CONFIG_FILE, append_round, read_rounds, slide_weighted_mean, truncate_rounds,
-                               write_json_atomic, SUMMARY_FILE)
+from momkd_fed.run_log import (BEST_MODEL_FILE, CONFIG_FILE, append_round, read_rounds, slide_weighted_mean,
+                               truncate_rounds, write_json_atomic, SUMMARY_FILE)
 
 from client.run_config import RunOptions
 from client.site_runtime import build_initial_model
@@ -56,17 +57,20 @@ def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds
         accountant=run_outputs.new_accountant(cfg))
 
 
-def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[str, dict]) -> dict:
-    """One line of rounds.jsonl."""
+def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[str, dict], monitor: str) -> dict:
+    """One line of rounds.jsonl (``monitor``: the validation metric that selects the best round)."""
     test_auc = {s: v["global"][contract.TEST_AUC_MEMORY] for s, v in info.evaluate.items()}
     personal = {s: v["personal"][contract.TEST_AUC] for s, v in info.evaluate.items()}
     weights = {s: v["global"][contract.NUM_EXAMPLES] for s, v in info.evaluate.items()}
+    glob = {s: v["global"] for s, v in info.evaluate.items()}
     return {
         "round": rnd,
         "seconds": seconds,
         "sampled": info.sampled,
         "test_auc": {"pooled": slide_weighted_mean(test_auc, weights), **test_auc},
         "test_auc_personal": {"pooled": slide_weighted_mean(personal, weights), **personal},
+        "val_auc": {"monitor": monitor, "pooled": pooled_validation(glob, monitor),
+                    **{s: m[monitor] for s, m in glob.items()}},
         "train": info.train,
         "train_aggregate": info.train_aggregate,
         "evaluate": info.evaluate,
@@ -82,17 +86,24 @@ def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[
     }
 
 
-def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds: float) -> dict:
-    """summary.json from the last round's evaluation (the final global model)."""
-    rows = read_rounds(run_dir)
-    last = rows[-1] if rows else {}
-    ev = last.get("evaluate", {})
+def _test_auc_by_head(row: dict) -> dict:
+    """``{"<global|personal>_<test_auc|test_auc_memory>": {"pooled", <site>...}}`` of one rounds.jsonl row."""
+    ev = row.get("evaluate", {})
     per_head = {}
     for which, key in (("global", contract.TEST_AUC_MEMORY), ("global", contract.TEST_AUC),
                        ("personal", contract.TEST_AUC), ("personal", contract.TEST_AUC_MEMORY)):
         vals = {s: v[which][key] for s, v in ev.items()}
         w = {s: v[which][contract.NUM_EXAMPLES] for s, v in ev.items()}
         per_head[f"{which}_{key}"] = {"pooled": slide_weighted_mean(vals, w), **vals}
+    return per_head
+
+
+def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds: float) -> dict:
+    """summary.json: the last round's evaluation (the final global model, ``test_auc*``) and the best round's
+    (``best``: the round with the best pooled validation AUC, whose model is ``best_model.pt``)."""
+    rows = read_rounds(run_dir)
+    per_head = _test_auc_by_head(rows[-1] if rows else {})
+    best_row = next((r for r in rows if r["round"] == state.best.round), {})
     return {
         "kind": "federated",
         "model": cfg.model.name,
@@ -106,6 +117,8 @@ def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds:
         "test_auc_pooled_method": POOLED_METHOD,
         "test_auc_personal": per_head[f"personal_{contract.TEST_AUC}"],
         "test_auc_by_head": per_head,
+        "best": {"round": state.best.round, "monitor": state.best.monitor, "val_auc": state.best.score,
+                 "model_file": BEST_MODEL_FILE, "test_auc_by_head": _test_auc_by_head(best_row)},
         "bytes_sent": sum(sum(r.get("bytes_sent", {}).values()) for r in rows),
         "bytes_received": sum(sum(r.get("bytes_received", {}).values()) for r in rows),
         "dropouts": sum(len(r.get("dropouts", [])) for r in rows),
@@ -154,7 +167,9 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
             raise ValueError(f"resume: the checkpoint has {state.n_genes} genes, the sites now hold {roster.n_genes}")
         truncate_rounds(run_dir, state.round)
         (run_dir / SUMMARY_FILE).unlink(missing_ok=True)
+        run_outputs.restore_best_model(run_dir, cfg, state)
     strategy = MomkdFedAvgM(cfg, state, dict(roster.node_sites))
+    monitor = monitor_key(fed.shared)
     for rnd in range(state.round + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd, None, None, grid), timeout=fed.round_timeout)
@@ -167,12 +182,16 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
         strategy.aggregate_evaluate(rnd, replies)
         state.round = rnd
         t2 = time.perf_counter()
-        row = round_row(rnd, strategy.info, {"train": t1 - t0, "evaluate": t2 - t1}, state.sites)
+        row = round_row(rnd, strategy.info, {"train": t1 - t0, "evaluate": t2 - t1}, state.sites, monitor)
+        took = state.best.offer(rnd, row["val_auc"]["pooled"], monitor)
         run_outputs.save_round(run_dir, cfg, state, metrics={"test_auc": row["test_auc"]})
+        if took:  # after the round checkpoint, which records the choice: resume rewrites a missed best_model.pt
+            run_outputs.save_best_model(run_dir, cfg, state, metrics={"test_auc": row["test_auc"],
+                                                                      "val_auc": row["val_auc"]})
         row["seconds"]["total"] = time.perf_counter() - t0
         append_round(run_dir, row)
-        log.info("round %d/%d done in %.1f s: test AUC %s", rnd, fed.rounds, row["seconds"]["total"],
-                 row["test_auc"])
+        log.info("round %d/%d done in %.1f s: test AUC %s; pooled %s %.4f (best: round %d)", rnd, fed.rounds,
+                 row["seconds"]["total"], row["test_auc"], monitor, row["val_auc"]["pooled"], state.best.round)
     result = summary(cfg, run_dir, state, time.perf_counter() - t_start)
     run_outputs.save_global_model(run_dir, cfg, state, metrics={"test_auc": result["test_auc"]})
     write_json_atomic(run_dir / SUMMARY_FILE, result)

@@ -1,10 +1,12 @@
-"""Per-round checkpoints of the federation and the final ``global_model.pt`` (resume reads them back).
+"""Per-round checkpoints of the federation, the final ``global_model.pt`` and the best round's ``best_model.pt``
+(resume reads them back).
 
 A round checkpoint is a regular momkd-fed checkpoint (``momkd_fed.checkpoint``: weights, config, dims, versions)
 of the *global model* -- the seeded initial model with the global shared weights and the global memory put in
 place (site-private parts at their initial values) -- plus, under ``extra``, everything the server needs to
 continue: the FedAvgM momentum, the genomic statistics, the run key, the round's metrics and the privacy budget
-spent so far (the server's update-DP accountant and each site's last reported memory epsilon). It is therefore
+spent so far (the server's update-DP accountant and each site's last reported memory epsilon) and the best round so
+far (``federation.selection.BestRound``). It is therefore
 both resumable and loadable by ``momkd-fed predict``.
 """
 
@@ -25,8 +27,9 @@ from momkd_fed.config import Config
 from momkd_fed.errors import CheckpointError
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.memory_merge import SLOTS_KEY
+from momkd_fed.federation.selection import BestRound
 from momkd_fed.privacy import PrivacyAccountant, update_dp
-from momkd_fed.run_log import CHECKPOINT_DIR, GLOBAL_MODEL_FILE
+from momkd_fed.run_log import BEST_MODEL_FILE, CHECKPOINT_DIR, GLOBAL_MODEL_FILE
 
 from client.site_runtime import build_initial_model
 
@@ -62,6 +65,8 @@ class ServerState:
         The server's accountant of the shared-weight update noise (update DP only; stepped once per round).
     site_epsilon : dict[str, float]
         Site -> its cumulated memory-DP epsilon as last reported (``privacy_epsilon`` train metric).
+    best : BestRound
+        The round with the best pooled validation AUC so far (its model is in ``best_model.pt``).
     """
 
     round: int
@@ -75,6 +80,7 @@ class ServerState:
     sites: dict[str, dict] = field(default_factory=dict)
     accountant: PrivacyAccountant | None = None
     site_epsilon: dict[str, float] = field(default_factory=dict)
+    best: BestRound = field(default_factory=BestRound)
 
 
 def new_accountant(cfg: Config) -> PrivacyAccountant | None:
@@ -106,6 +112,7 @@ def _save(path: Path, cfg: Config, state: ServerState, metrics: dict | None, kin
                "server_momentum": state.momentum.state_dict(), "sites": state.sites,
                "privacy": {"update_accountant": state.accountant.state_dict() if state.accountant else None,
                            "site_epsilon": dict(state.site_epsilon)},
+               "best_round": state.best.state_dict(),
                "threshold": {"classifier": 0.5, "memory": 0.0}})
 
 
@@ -121,6 +128,24 @@ def save_round(run_dir: str | Path, cfg: Config, state: ServerState, metrics: di
 def save_global_model(run_dir: str | Path, cfg: Config, state: ServerState, metrics: dict | None = None) -> Path:
     """Write ``global_model.pt`` (loadable by ``momkd-fed predict``)."""
     return _save(Path(run_dir) / GLOBAL_MODEL_FILE, cfg, state, metrics, "federated-global")
+
+
+def save_best_model(run_dir: str | Path, cfg: Config, state: ServerState, metrics: dict | None = None) -> Path:
+    """Write ``best_model.pt``: the global model of ``state`` (call it when ``state.best`` has just taken the
+    current round)."""
+    return _save(Path(run_dir) / BEST_MODEL_FILE, cfg, state, metrics, "federated-best")
+
+
+def restore_best_model(run_dir: str | Path, cfg: Config, state: ServerState) -> None:
+    """On resume: rewrite ``best_model.pt`` from ``state`` (the newest round checkpoint) when that round is the
+    best one but the run stopped before ``best_model.pt`` was written (it is written just after the checkpoint)."""
+    path = Path(run_dir) / BEST_MODEL_FILE
+    if state.best.round != state.round or state.round == 0:
+        return
+    if path.is_file() and read_checkpoint(path).get("round") == state.round:
+        return
+    log.warning("resume: %s was not written for round %d; writing it from the round checkpoint", path, state.round)
+    save_best_model(run_dir, cfg, state)
 
 
 def checkpoint_rounds(run_dir: str | Path) -> list[int]:
@@ -172,14 +197,15 @@ def load_latest(run_dir: str | Path, cfg: Config) -> ServerState | None:
         omics_mean=None if norm is None else norm["mean"].numpy(),
         omics_std=None if norm is None else norm["std"].numpy(),
         run_key=str(extra["run_key"]), sites=dict(extra.get("sites") or {}), accountant=accountant,
-        site_epsilon={str(k): float(v) for k, v in (privacy.get("site_epsilon") or {}).items()})
+        site_epsilon={str(k): float(v) for k, v in (privacy.get("site_epsilon") or {}).items()},
+        best=BestRound.from_state_dict(extra.get("best_round")))
 
 
 def clear_run_outputs(run_dir: str | Path) -> None:
     """Remove a previous run's checkpoints and logs from ``run_dir`` (a fresh, non-resumed run)."""
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
-    for name in ("rounds.jsonl", "summary.json", GLOBAL_MODEL_FILE):
+    for name in ("rounds.jsonl", "summary.json", GLOBAL_MODEL_FILE, BEST_MODEL_FILE):
         p = run_dir / name
         if p.exists():
             os.remove(p)

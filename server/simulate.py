@@ -26,8 +26,8 @@ import numpy as np
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import ConfigError, MomkdError
 from momkd_fed.report import build_report
-from momkd_fed.run_log import (PREDICTIONS_DIR, ROUNDS_FILE, SUMMARY_FILE, iter_rounds, json_safe, read_summary,
-                               write_json_atomic, write_predictions_csv)
+from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PREDICTIONS_DIR, ROUNDS_FILE, SUMMARY_FILE,
+                               iter_rounds, json_safe, read_summary, write_json_atomic, write_predictions_csv)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
@@ -162,9 +162,9 @@ def _complete_size(path: Path) -> int:
 # evaluation that needs every site's data (simulation only)
 
 
-def pooled_test_auc(cfg: Config, out_dir: Path) -> dict:
-    """Pooled histology-only test AUC of ``global_model.pt`` over the union of all sites' test slides; also
-    writes each site's per-slide test scores to ``predictions/test_<site>.csv``.
+def pooled_test_auc(cfg: Config, out_dir: Path, model_file: str = GLOBAL_MODEL_FILE) -> dict:
+    """Pooled histology-only test AUC of ``model_file`` over the union of all sites' test slides; for
+    ``global_model.pt`` also writes each site's per-slide test scores to ``predictions/test_<site>.csv``.
 
     Per-slide outputs never leave a site in a real federation, so the ServerApp reports a slide-weighted mean
     of site AUCs; a simulation holds every site's data on this machine and can compute the real pooled value.
@@ -174,12 +174,13 @@ def pooled_test_auc(cfg: Config, out_dir: Path) -> dict:
     from momkd_fed.engine import evaluate
     from momkd_fed.metrics import roc_auc
 
-    model, _, _ = load_model(out_dir / "global_model.pt")
+    model, _, _ = load_model(out_dir / model_file)
     labels, memory, probs = [], [], []
     for site in cfg.sites:
         pred = evaluate(model, load_site(site, cfg).split("test"), model_device(model), cfg.train.precision)
-        write_predictions_csv(out_dir / PREDICTIONS_DIR / f"test_{site.name}.csv", pred.slide_ids, pred.labels,
-                              pred.probs, pred.memory_scores)  # ROC curves in the report (simulation only)
+        if model_file == GLOBAL_MODEL_FILE:  # ROC curves in the report (simulation only)
+            write_predictions_csv(out_dir / PREDICTIONS_DIR / f"test_{site.name}.csv", pred.slide_ids, pred.labels,
+                                  pred.probs, pred.memory_scores)
         labels.append(pred.labels)
         probs.append(pred.probs)
         if pred.memory_scores is not None:
@@ -188,6 +189,10 @@ def pooled_test_auc(cfg: Config, out_dir: Path) -> dict:
     out = {"memory": roc_auc(y, np.concatenate(memory)) if memory and len(y) else math.nan,
            "classifier": roc_auc(y, np.concatenate(probs)) if len(y) else math.nan, "slides": int(len(y))}
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
 
 
 def model_device(model):
@@ -272,6 +277,9 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
         "from global_model.pt (a real federation reports the slide-weighted mean of site AUCs instead, "
         "test_auc_site_weighted_mean)")
     summary["test_auc_pooled_classifier"] = pooled["classifier"]
+    if summary.get("best", {}).get("round"):
+        best = pooled_test_auc(cfg, out_dir, BEST_MODEL_FILE)
+        summary["best"]["test_auc_pooled"] = {"memory": best["memory"], "classifier": best["classifier"]}
     if baselines:
         summary["baselines"] = run_baselines(cfg, out_dir, baselines)
     summary["seconds_simulate"] = time.perf_counter() - t_start
@@ -282,7 +290,9 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
     except MomkdError as exc:  # the run itself succeeded; say why there is no report
         log.error("report not written: %s", exc)
     auc = summary["test_auc"]["pooled"]
-    table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC "
-                        f"{'n/a' if auc is None or math.isnan(auc) else f'{auc:.3f}'} in "
+    best = summary.get("best", {})
+    best_auc = best.get("test_auc_pooled", {}).get("memory")
+    table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC {_fmt(auc)} (last round), "
+                        f"{_fmt(best_auc)} (round {best.get('round')}, best by validation: {BEST_MODEL_FILE}) in "
                         f"{summary['seconds_simulate']:.0f} s -> {out_dir / SUMMARY_FILE}")
     return 0

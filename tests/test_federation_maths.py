@@ -283,8 +283,10 @@ def test_train_metrics_contract():
     assert tuple(m) == contract.TRAIN_METRIC_KEYS and m[contract.PAIRED] == 1
     with pytest.raises(KeyError):
         contract.train_metrics(3, False, {"ce": 0.1})
-    e = contract.evaluate_metrics(4, 0.7, 0.6, 0.5)
-    assert tuple(e) == contract.EVALUATE_METRIC_KEYS
+    e = contract.evaluate_metrics(4, 0.7, 0.6, 0.5, 3, 0.8, 0.75)
+    assert tuple(e) == contract.EVALUATE_METRIC_KEYS and e[contract.VAL_SLIDES] == 3
+    with pytest.raises(ValueError, match="val_slides"):
+        contract.evaluate_metrics(4, 0.7, 0.6, 0.5, -1, 0.8, 0.75)
     arrs = contract.to_numpy({"x": torch.ones(2, dtype=torch.bfloat16)})
     assert arrs["x"].dtype == np.float32 and torch.equal(contract.from_numpy(arrs)["x"], torch.ones(2))
 
@@ -319,3 +321,26 @@ def test_merge_round_composes_filter_average_momentum_and_memory():
     v = fed.memory_momentum * C[0, 0] + (1 - fed.memory_momentum) * torch.tensor([1.0, 0, 0])
     assert torch.allclose(out.slots[0, 0], v / v.norm(), atol=1e-6) and torch.equal(out.slots[1], C[1])
     assert out.metrics["val_auc"] == 0.5 and out.metrics["num-examples"] == 4 and out.metrics["sites_used"] == 2
+
+
+# ---- best round --------------------------------------------------------------------------------------------------
+def test_best_round_selection_rules():
+    from momkd_fed.federation.selection import BestRound, monitor_key, pooled_validation
+
+    assert monitor_key(["wsi_encoder.", "classifier."]) == contract.VAL_AUC
+    assert monitor_key(["wsi_encoder."]) == contract.VAL_AUC_MEMORY
+    m = {"a": {contract.VAL_AUC: 0.8, contract.VAL_SLIDES: 30}, "b": {contract.VAL_AUC: 0.5, contract.VAL_SLIDES: 10},
+         "c": {contract.VAL_AUC: math.nan, contract.VAL_SLIDES: 50}, "d": {contract.VAL_AUC: 0.1, contract.VAL_SLIDES: 0}}
+    assert pooled_validation(m, contract.VAL_AUC) == pytest.approx((0.8 * 30 + 0.5 * 10) / 40)
+    assert math.isnan(pooled_validation({"c": m["c"]}, contract.VAL_AUC))
+
+    b = BestRound()
+    assert b.offer(1, math.nan, "val_auc")  # nothing yet: taken
+    assert b.offer(2, 0.6, "val_auc")  # finite beats NaN
+    assert not b.offer(3, math.nan, "val_auc")  # NaN never displaces a finite value
+    assert not b.offer(4, 0.6, "val_auc")  # ties keep the earlier round
+    assert b.offer(5, 0.7, "val_auc") and not b.offer(6, 0.65, "val_auc")
+    assert (b.round, b.score) == (5, 0.7)
+    assert BestRound.from_state_dict(b.state_dict()) == b and BestRound.from_state_dict(None).round == 0
+    nan_only = BestRound()
+    assert all(nan_only.offer(r, math.nan, "val_auc") for r in (1, 2, 3)) and nan_only.round == 3  # latest kept

@@ -137,6 +137,21 @@ def test_federation_in_process(tiny, tmp_path):
     st = run_outputs.load_latest(tmp_path, cfg)
     assert torch.equal(model.state_dict()["memory.slots"], st.slots)
 
+    # the best round by pooled validation AUC of the global model (memory head: the classifier is not shared)
+    assert {tuple(sorted(v["global"])) for v in r1["evaluate"].values()} == {tuple(sorted(contract.EVALUATE_METRIC_KEYS))}
+    assert all(v["global"][contract.VAL_SLIDES] > 0 for v in r1["evaluate"].values())
+    pooled = [r["val_auc"]["pooled"] for r in rows]
+    assert all(r["val_auc"]["monitor"] == contract.VAL_AUC_MEMORY for r in rows)
+    assert pooled[0] is not None and pooled[1] is not None
+    best = result["best"]
+    assert best["round"] == (2 if pooled[1] > pooled[0] else 1) and best["val_auc"] == pytest.approx(max(pooled))
+    assert best["test_auc_by_head"]["global_test_auc_memory"]["pooled"] == rows[best["round"] - 1]["test_auc"]["pooled"]
+    best_model, _, best_meta = load_model(tmp_path / "best_model.pt")
+    assert best_meta["round"] == best["round"]
+    at_best, _, _ = load_model(tmp_path / "checkpoints" / f"round_{best['round']:04d}.pt")
+    for k, v in at_best.state_dict().items():
+        assert torch.equal(best_model.state_dict()[k], v), k
+
     # every train message carried the genomic statistics; every reply named its site
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert all(contract.OMICS_RECORD in m.content.array_records for m in train_msgs)
@@ -176,6 +191,34 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     np.testing.assert_allclose(rows[1]["test_auc"]["hospital_a"],
                                json.loads((full / "rounds.jsonl").read_text().splitlines()[1])["test_auc"]
                                ["hospital_a"], atol=1e-9)
+    # the best-round choice survives the stop, and best_model.pt is the same model
+    full_best = json.loads((full / "summary.json").read_text())["best"]
+    assert result["best"]["round"] == full_best["round"]
+    from momkd_fed.checkpoint import load_model
+
+    ma, _, _ = load_model(full / "best_model.pt")
+    mb, _, meta_b = load_model(part / "best_model.pt")
+    assert meta_b["round"] == full_best["round"]
+    for k, v in ma.state_dict().items():
+        assert torch.allclose(v.float(), mb.state_dict()[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_resume_rewrites_a_best_model_the_stop_lost(tiny, tmp_path):
+    """A stop between the round checkpoint and best_model.pt: resume writes best_model.pt from the checkpoint."""
+    rc = _run_config(tiny, tmp_path, rounds=1)
+    cfg, opts = split_run_config(rc)
+    run_federation(InProcessGrid(rc, 3), cfg, opts)
+    (tmp_path / "best_model.pt").unlink()  # round 1 is the best so far (the only one); its file is lost
+    state = run_outputs.load_latest(tmp_path, cfg)
+    assert state.best.round == 1
+    run_outputs.restore_best_model(tmp_path, cfg, state)
+    from momkd_fed.checkpoint import load_model
+
+    best, _, meta = load_model(tmp_path / "best_model.pt")
+    at1, _, _ = load_model(tmp_path / "checkpoints" / "round_0001.pt")
+    assert meta["round"] == 1
+    for k, v in at1.state_dict().items():
+        assert torch.equal(best.state_dict()[k], v), k
 
 
 def test_train_reply_shape_and_why_the_strategy_strips_memory(tiny, tmp_path):

@@ -7,6 +7,7 @@
 - :mod:`.memory_merge`: merge memory aggregates (ema) or trained slots (gradient) into the global memory.
 - :mod:`.kmeans`: federated spherical k-means for the initial memory.
 - :mod:`.round_merge`: ``merge_round``, one round's server merge composed from the above.
+- :mod:`.selection`: ``BestRound``, the round whose global model is kept (best pooled validation AUC).
 
 Genomic normalisation statistics are merged with ``momkd_fed.data.omics`` (``merge_moments``).
 """

@@ -16,7 +16,7 @@ Site -> server, train reply:
     ``"metrics"`` (MetricRecord) exactly :data:`TRAIN_METRIC_KEYS`.
 
 Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS` (the *global* model's
-test metrics) and ``"metrics-personal"`` (:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model,
+test metrics, and its validation metrics, from which the server picks the best round) and ``"metrics-personal"`` (:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model,
 i.e. global shared weights + the site's private head and temperature).
 
 Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRecord (:data:`SITE_RECORD`, keys
@@ -105,7 +105,8 @@ TRAIN_METRIC_KEYS = (NUM_EXAMPLES, PAIRED, *LOSS_KEYS, VAL_AUC, VAL_AUC_MEMORY, 
 TEST_AUC = "test_auc"  # histology-only test AUC (classifier head); NaN for a one-class split
 TEST_AUC_MEMORY = "test_auc_memory"  # test AUC of the memory score
 TEST_LOSS = "test_loss"  # mean test cross-entropy
-EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, TEST_AUC, TEST_AUC_MEMORY, TEST_LOSS)
+VAL_SLIDES = "val_slides"  # validation slides scored (the weight of VAL_AUC / VAL_AUC_MEMORY in the pooled mean)
+EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, TEST_AUC, TEST_AUC_MEMORY, TEST_LOSS, VAL_SLIDES, VAL_AUC, VAL_AUC_MEMORY)
 METRIC_KEYS = {"train": TRAIN_METRIC_KEYS, "evaluate": EVALUATE_METRIC_KEYS}
 
 
@@ -119,9 +120,10 @@ def _check_metrics(values: Mapping[str, float], keys: tuple[str, ...], what: str
         v = values[k]
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"{what} metrics: {k!r} must be a number, got {type(v).__name__}")
-        out[k] = int(v) if k in (NUM_EXAMPLES, PAIRED) else float(v)
-    if out[NUM_EXAMPLES] < 0:
-        raise ValueError(f"{what} metrics: {NUM_EXAMPLES} must be >= 0, got {out[NUM_EXAMPLES]}")
+        out[k] = int(v) if k in (NUM_EXAMPLES, PAIRED, VAL_SLIDES) else float(v)
+    for k in (NUM_EXAMPLES, VAL_SLIDES):
+        if k in out and out[k] < 0:
+            raise ValueError(f"{what} metrics: {k} must be >= 0, got {out[k]}")
     return out
 
 
@@ -165,10 +167,14 @@ def train_metrics(
 
 
 def evaluate_metrics(
-    num_examples: int, test_auc: float, test_auc_memory: float, test_loss: float
+    num_examples: int, test_auc: float, test_auc_memory: float, test_loss: float,
+    val_slides: int, val_auc: float, val_auc_memory: float,
 ) -> dict[str, float]:
-    """Build an evaluate-reply metric dict with exactly :data:`EVALUATE_METRIC_KEYS`."""
-    values = {NUM_EXAMPLES: num_examples, TEST_AUC: test_auc, TEST_AUC_MEMORY: test_auc_memory, TEST_LOSS: test_loss}
+    """Build an evaluate-reply metric dict with exactly :data:`EVALUATE_METRIC_KEYS`.
+
+    ``num_examples`` counts the test slides (Flower's weighting key), ``val_slides`` the validation slides."""
+    values = {NUM_EXAMPLES: num_examples, TEST_AUC: test_auc, TEST_AUC_MEMORY: test_auc_memory, TEST_LOSS: test_loss,
+              VAL_SLIDES: val_slides, VAL_AUC: val_auc, VAL_AUC_MEMORY: val_auc_memory}
     return _check_metrics(values, EVALUATE_METRIC_KEYS, "evaluate")
 
 
