@@ -39,8 +39,12 @@ def _write_predictions(folder: Path, name: str, n: int, rng: np.random.Generator
     (folder / f"test_{name}.csv").write_text("\n".join(lines) + "\n")
 
 
-def _eval(auc: float, auc_mem: float, n: int) -> dict:
-    return {"num-examples": n, "test_auc": auc, "test_auc_memory": auc_mem, "test_loss": 0.6}
+def _eval(auc: float, auc_mem: float, n: int, val: float = 0.5) -> dict:
+    return {"num-examples": n, "test_auc": auc, "test_auc_memory": auc_mem, "test_loss": 0.6, "val_slides": 10,
+            "val_auc": val, "val_auc_memory": val - 0.01}
+
+
+GLOBAL_VAL = {1: 0.62, 2: 0.81, 3: 0.74}  # the global model's validation AUC per round: round 2 is the best
 
 
 def write_federated_run(run: Path, seed: int = 0) -> Path:
@@ -59,7 +63,7 @@ def write_federated_run(run: Path, seed: int = 0) -> Path:
                            else None, "loss_align_wsi": 0.3 / r, "loss_recon": 0.2 / r if paired else None,
                            "val_auc": 0.6 + 0.05 * r + 0.01 * j, "val_auc_memory": 0.58 + 0.05 * r,
                            "train_seconds": 12.5}
-            evaluate[site] = {"global": _eval(0.55 + 0.08 * r - 0.02 * j, 0.5 + 0.07 * r, 20),
+            evaluate[site] = {"global": _eval(0.55 + 0.08 * r - 0.02 * j, 0.5 + 0.07 * r, 20, GLOBAL_VAL[r] + 0.01 * j),
                               "personal": _eval(0.6 + 0.07 * r - 0.01 * j, 0.55 + 0.06 * r, 20)}
         rows.append({
             "round": r, "seconds": {"train": 25.0, "evaluate": 5.0 + r, "total": 30.5 + r}, "sampled": list(SITES),
@@ -67,6 +71,7 @@ def write_federated_run(run: Path, seed: int = 0) -> Path:
             "test_auc_personal": {"pooled": 0.6 + 0.07 * r},
             "train": train, "train_aggregate": {"val_auc": 0.61 + 0.05 * r, "val_auc_memory": 0.58 + 0.05 * r},
             "evaluate": evaluate,
+            "val_auc": {"monitor": "val_auc_memory", "pooled": GLOBAL_VAL[r]},
             "evaluate_aggregate": {"global_test_auc": 0.53 + 0.08 * r, "global_test_auc_memory": 0.5 + 0.07 * r,
                                    "personal_test_auc": 0.59 + 0.07 * r, "personal_test_auc_memory": 0.55 + 0.06 * r},
             "memory": {}, "frozen_keys": 0,
@@ -87,6 +92,7 @@ def write_federated_run(run: Path, seed: int = 0) -> Path:
         "test_auc_pooled_method": "slide-weighted mean of the sites' test AUCs",
         "test_auc_personal": by_head["personal_test_auc"], "test_auc_by_head": by_head,
         "bytes_sent": 37_809_000, "bytes_received": 36_918_000, "dropouts": 1, "seconds": 98.5,
+        "best": {"round": 2, "monitor": "val_auc_memory", "val_auc": GLOBAL_VAL[2], "model_file": "best_model.pt"},
         "baselines": {
             "local": {"momkd": {"test_auc": {"north": 0.74, "south": 0.61, "west": 0.7}},
                       "abmil": {"north": [0.7, 0.72, 0.69], "south": [0.58, 0.6, 0.62], "west": [0.66, 0.7, 0.68]}},
@@ -167,6 +173,18 @@ def test_federated_report_draws_every_plot_and_embeds_it(tmp_path):
     assert "<td>2</td><td>west</td><td>evaluate</td><td>timeout</td>" in dropouts
     assert "rounds: 3" in text  # the config is shown
     assert 'id="skipped"' not in text
+
+
+def test_validation_panel_is_the_global_model_and_the_best_round_is_marked(tmp_path):
+    from momkd_fed.report.run_folder import MEAN_OF_SITES, MEMORY, load_run
+
+    run = load_run(write_federated_run(tmp_path / "run"))
+    val = run.auc[("validation", MEMORY)]
+    # the evaluate replies' validation AUCs of the global model, not the train replies' (trained local models)
+    assert val["north"] == ([1.0, 2.0, 3.0], pytest.approx([GLOBAL_VAL[r] - 0.01 for r in (1, 2, 3)]))
+    assert val[MEAN_OF_SITES][1] == pytest.approx([GLOBAL_VAL[r] for r in (1, 2, 3)])
+    text = build_report(run.run_dir).read_text(encoding="utf-8")
+    assert "best validation AUC (round 2)" in text and "best_model.pt" in text
 
 
 def test_train_report_shows_test_metrics_per_head(tmp_path):

@@ -26,10 +26,14 @@ REPORT_DIR = "report"  # sub-folder of the run folder holding the PNGs and index
 _TABLE_NOTES = ("test_auc_model", "test_auc_pooled_method")  # summary.json texts shown under the AUC table
 
 
+def _int(v: object) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def _federated_plots(run: RunData, out: Path) -> list[Plot]:
     return [
         plot_roc(run.predictions, out),
-        plot_auc_rounds(run.auc, "round", out),
+        plot_auc_rounds(run.auc, "round", out, best=_int(as_dict(run.summary.get("best")).get("round"))),
         plot_losses(run.losses, "round", out),
         plot_bytes(run.bytes_sent, run.bytes_received, out),
         plot_baselines(auc_columns(run.summary, every_head=False), out),
@@ -41,7 +45,7 @@ def _federated_plots(run: RunData, out: Path) -> list[Plot]:
 def _train_plots(run: RunData, out: Path) -> list[Plot]:
     return [
         plot_roc(run.predictions, out),
-        plot_auc_rounds(run.auc, "epoch", out),
+        plot_auc_rounds(run.auc, "epoch", out, best=_int(run.summary.get("best_epoch"))),
         plot_losses(run.losses, "epoch", out),
         plot_seconds(run.seconds, "epoch", out),
     ]

@@ -142,9 +142,10 @@ def _legend_handles(ax, heads: list[str]) -> list:
     return [*seen.values(), *styles]
 
 
-def plot_auc_rounds(auc: dict[tuple[str, str], dict[str, tuple[list, list]]], xlabel: str, out_dir: Path) -> Plot:
+def plot_auc_rounds(auc: dict[tuple[str, str], dict[str, tuple[list, list]]], xlabel: str, out_dir: Path,
+                    best: int | None = None) -> Plot:
     """AUC per round (or epoch): one panel per model (global, personalised, validation), one colour per site,
-    solid = classifier head, dashed = memory score."""
+    solid = classifier head, dashed = memory score; ``best``: the round (epoch) kept by validation, marked."""
     plot = Plot("auc_per_round" if xlabel == "round" else "auc_per_epoch", f"AUC per {xlabel}")
     models = list(dict.fromkeys(m for m, _ in auc))
     panels = [m for m in models if any(finite(ys) for (mm, _), s in auc.items() if mm == m for _, ys in s.values())]
@@ -159,10 +160,17 @@ def plot_auc_rounds(auc: dict[tuple[str, str], dict[str, tuple[list, list]]], xl
         for head in heads:
             _lines(ax, auc[(model, head)], colors, ls=_HEAD_STYLE.get(head, ":"))
         ax.axhline(0.5, ls=":", color="grey", lw=1)
+        if best:
+            ax.axvline(best, color="tab:red", lw=1, alpha=0.6)
         title = model if xlabel != "round" or model == "validation" else f"{model} model (test)"
+        if xlabel == "round" and model == "validation":
+            title = "global model (validation)"
         ax.set(xlabel=xlabel, ylabel="AUC", title=title, ylim=(0, 1.02))
         ax.legend(handles=_legend_handles(ax, heads), fontsize=7, loc="lower right")
     plot.caption = "Solid: classifier head; dashed: memory score δ(F_wsi)."
+    if best:
+        plot.caption += (f" Red line: the {xlabel} with the best validation AUC ({xlabel} {best}), whose model is "
+                         f"kept ({'best_model.pt' if xlabel == 'round' else 'model.pt'}).")
     if any(MEAN_OF_SITES in s for s in auc.values()):
         plot.caption += (" Black: the sites' slide-weighted mean (per-slide outputs never leave a site, so this is "
                          "not a pooled AUC).")

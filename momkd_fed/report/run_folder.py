@@ -4,15 +4,17 @@ What is read (design.md, "Outputs of a run"; writers: ``server/rounds.py``, ``mo
 
 federated run (``rounds.jsonl`` and/or ``summary.json``)
     ``rounds.jsonl``   one object per round: ``round``; per site ``train.<site>`` (``loss_*`` terms, ``val_auc``,
-                       ``val_auc_memory``), ``evaluate.<site>.global`` / ``.personal`` (``test_auc`` = classifier
-                       head, ``test_auc_memory`` = memory score), ``bytes_sent.<site>``, ``bytes_received.<site>``;
+                       ``val_auc_memory`` of the trained local model), ``evaluate.<site>.global`` / ``.personal``
+                       (``test_auc`` = classifier head, ``test_auc_memory`` = memory score, ``val_auc``,
+                       ``val_auc_memory``: validation, preferred over the train reply's), ``bytes_sent.<site>``,
+                       ``bytes_received.<site>``; ``val_auc`` (``monitor``, ``pooled``: the best-round criterion);
                        ``evaluate_aggregate`` (``global_test_auc``... slide-weighted means over the sites),
                        ``train_aggregate``, ``seconds`` (a number or ``{"total": ..}``), ``dropouts`` (list of
                        ``{"site", "phase", "reason"}``), optionally the privacy budget ``epsilon`` or
                        ``privacy.epsilon``. A site-major layout, ``sites.<site>.{train, eval_global, eval_personal,
                        bytes_sent, bytes_received}``, is read as well.
     ``summary.json``   ``rounds_completed``, ``test_auc`` {"pooled": x, "<site>": y}, ``test_auc_by_head``,
-                       ``baselines`` (see :mod:`.comparison`).
+                       ``best`` (``round``: marked on the AUC plot), ``baselines`` (see :mod:`.comparison`).
 train run (``epochs.jsonl`` and/or ``metrics.json``)
     ``epochs.jsonl``   one object per epoch: ``epoch``, ``train_<term>`` (or ``loss_<term>``) losses, ``val_auc``,
                        ``val_memory_auc``.
@@ -175,6 +177,10 @@ def _site_records(row: dict) -> dict[str, dict]:
     return out
 
 
+def _has_any(mapping: Any, keys: tuple[str, ...]) -> bool:
+    return isinstance(mapping, dict) and any(k in mapping for k in keys)
+
+
 def _read_rounds(run: RunData, rows: list[dict]) -> None:
     for i, row in enumerate(rows, start=1):
         r = _number(row.get("round"))
@@ -185,8 +191,10 @@ def _read_rounds(run: RunData, rows: list[dict]) -> None:
                 _append(run.auc.setdefault(("global", head), {}), site, r, _first(rec.get("eval_global"), keys))
                 _append(run.auc.setdefault(("personalised", head), {}), site, r,
                         _first(rec.get("eval_personal"), keys))
-            for head, keys in VAL_KEYS.items():
-                _append(run.auc.setdefault(("validation", head), {}), site, r, _first(rec.get("train"), keys))
+            for head, keys in VAL_KEYS.items():  # the global model's (evaluate reply); older runs: the trained
+                # local model's (train reply)
+                src = rec.get("eval_global") if _has_any(rec.get("eval_global"), keys) else rec.get("train")
+                _append(run.auc.setdefault(("validation", head), {}), site, r, _first(src, keys))
             for term, v in _loss_terms(rec.get("train"), "loss_").items():
                 _append(run.losses.setdefault(term, {}), site, r, math.nan if v is None else v)
             _append(run.bytes_sent, site, r, _number(rec.get("bytes_sent")))
@@ -196,9 +204,11 @@ def _read_rounds(run: RunData, rows: list[dict]) -> None:
             for head, keys in HEAD_KEYS.items():
                 _append(run.auc.setdefault((model, head), {}), MEAN_OF_SITES, r,
                         _first(agg, tuple(prefix + k for k in keys)))
+        val = as_dict(row.get("val_auc"))  # the server's pooled validation AUC of the monitored head
         for head, keys in VAL_KEYS.items():
+            mean = _number(val.get("pooled")) if val.get("monitor") in keys else None
             _append(run.auc.setdefault(("validation", head), {}), MEAN_OF_SITES, r,
-                    _first(row.get("train_aggregate"), keys))
+                    mean if val else _first(row.get("train_aggregate"), keys))
         if not sites:  # totals only when there is no per-site split
             _append(run.bytes_sent, "all sites", r, _number(row.get("bytes_sent")))
             _append(run.bytes_received, "all sites", r, _number(row.get("bytes_received")))
