@@ -239,8 +239,10 @@ def evaluate_checkpoint(path: Path, cfg: Config, sites: list[SiteConfig]) -> dic
 def run_pooled(cfg: Config, out: Path) -> dict:
     from momkd_fed.training import run_training
 
-    run_training(cfg, out, pooled=True)
-    return evaluate_checkpoint(out / "model.pt", cfg, cfg.sites)
+    metrics = run_training(cfg, out, pooled=True)
+    res = evaluate_checkpoint(out / "model.pt", cfg, cfg.sites)
+    res["best_epoch"], res["epochs_run"] = metrics.get("best_epoch"), metrics.get("epochs_run")
+    return res
 
 
 def run_local(cfg: Config, out: Path) -> dict:
@@ -343,8 +345,8 @@ def _site_mean(result: dict, head: str, sites: list[str]) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _rounds(rounds: list) -> str:
-    return "rounds " + ", ".join("?" if r is None else str(r) for r in rounds)
+def _rounds(rounds: list, what: str = "rounds") -> str:
+    return (f"{what} " if what else "") + ", ".join("?" if r is None else str(r) for r in rounds)
 
 
 def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, list[str]]) -> str:
@@ -370,6 +372,9 @@ def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, lis
                 continue
             heads = ["classifier"] + (["memory"] if k[1] == "momkd" else [])
             variants = [(k[2], [r["result"] for r in rs])]
+            if all(r["result"].get("best_epoch") for r in rs):  # pooled: the epoch kept by validation
+                variants[0] = (f"{k[2]}, best epoch ({_rounds([r['result']['best_epoch'] for r in rs], 'epochs')} "
+                               f"of {_rounds([r['result'].get('epochs_run') for r in rs], '')})", variants[0][1])
             if all("last_round" in r["result"] for r in rs):  # federated: the best round's model, then the last's
                 variants[0] = (f"{k[2]}, best round ({_rounds([r['result'].get('best_round') for r in rs])})",
                                variants[0][1])
