@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="cohort seed (histology and splits)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--models", default="momkd,abmil", help="comma list of momkd, abmil")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run, e.g. --set memory.update=frozen (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="the reduced CPU run: 40 slides per site, median 100 patches, configs/cpu_small.yaml "
                         "dims, 6 epochs = 6 rounds, lr 1e-3, fp32, privacy and ablations on the first seed only "
@@ -159,6 +161,9 @@ def model_overrides(a: argparse.Namespace) -> dict:
                "federation.client_cpus": 1.0})
     if a.lr is not None:
         ov["train.lr"] = a.lr
+    for item in a.set:
+        key, _, value = item.partition("=")
+        ov[key.strip()] = yaml.safe_load(value)
     return ov
 
 
