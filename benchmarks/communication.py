@@ -99,12 +99,12 @@ def measure(cfg, n_genes: int) -> list[dict]:
                         n_genes=n_genes, omics_mean=np.zeros(n_genes, np.float32),
                         omics_std=np.ones(n_genes, np.float32), run_key="bench")
     strategy = MomkdFedAvgM(cfg, state, {})
-    down_train, down_eval = strategy._content(1, with_omics=True), strategy._content(1, with_omics=False)
-    down = R.record_bytes(down_train) + R.record_bytes(down_eval)
-    down_ser = serialised_bytes(down_train) + serialised_bytes(down_eval)
-
     rows = []
     for paired in (True, False):
+        down_train = strategy._content(1, with_omics=True, paired=paired)
+        down_eval = strategy._content(1, with_omics=False, paired=paired)
+        down = R.record_bytes(down_train) + R.record_bytes(down_eval)
+        down_ser = serialised_bytes(down_train) + serialised_bytes(down_eval)
         shared = dict(trained)
         if not paired:
             for k in paired_only_keys(shared, cfg.federation):

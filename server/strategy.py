@@ -5,7 +5,9 @@ It keeps FedAvgM's role and hooks (``configure_train`` / ``aggregate_train`` / `
 what Flower's built-in cannot do:
 
 - messages also carry the global memory (``"memory"``), the genomic statistics (``"omics"``) and the run's
-  settings (``n-genes``, ``run-key``) in the ConfigRecord;
+  settings (``n-genes``, ``run-key``) in the ConfigRecord; a histology-only site is sent neither the paired-only
+  weights (the genomic encoder) nor the genomic statistics: it never uses them (a site whose kind is not known yet
+  is sent everything);
 - replies carry a second ArrayRecord (memory aggregates), which Flower's built-in aggregation rejects
   (``InconsistentMessageReplies``): it is taken out and merged with ``momkd_fed.federation.memory_merge``;
 - shared weights are averaged by ``momkd_fed.federation.aggregate`` (the genomic encoder over paired sites only;
@@ -147,22 +149,37 @@ class MomkdFedAvgM(FedAvgM):
                              contract.CFG_MEMORY_UPDATE: self.memory_mode, R.CFG_N_GENES: int(self.state.n_genes),
                              R.CFG_RUN_KEY: self.state.run_key})
 
-    def _content(self, server_round: int, with_omics: bool) -> RecordDict:
-        content = RecordDict({contract.ARRAYS_RECORD: R.to_record(self.state.shared),
+    def _content(self, server_round: int, with_omics: bool, paired: bool) -> RecordDict:
+        """What a site is sent; ``paired=False``: without the paired-only weights and the genomic statistics."""
+        shared = self.state.shared
+        if not paired:
+            drop = set(paired_only_keys(shared, self.cfg.federation))
+            shared = {k: v for k, v in shared.items() if k not in drop}
+        content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared),
                               contract.CONFIG_RECORD: self._config(server_round)})
         if self.state.slots is not None:
             content[contract.MEMORY_RECORD] = R.to_record({contract.SLOTS: self.state.slots})
-        if with_omics and self.state.omics_mean is not None and self.state.omics_std is not None:
+        if paired and with_omics and self.state.omics_mean is not None and self.state.omics_std is not None:
             content[contract.OMICS_RECORD] = R.to_record({R.NORM_KEYS[0]: self.state.omics_mean,
                                                           R.NORM_KEYS[1]: self.state.omics_std})
         return content
 
-    def _messages(self, content: RecordDict, nodes: list[int], message_type: str) -> list[Message]:
-        size = R.record_bytes(content)
-        for n in nodes:
-            site = self.node_sites.get(n, f"node-{n}")
-            self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
-        self._sent = list(self._construct_messages(content, nodes, message_type))  # the grid sets their ids
+    def _paired(self, node: int) -> bool:
+        """Whether the node's site holds genomics (True while unknown: it is then sent everything)."""
+        return bool(self.state.sites.get(self.node_sites.get(node, ""), {}).get("paired", True))
+
+    def _messages(self, server_round: int, with_omics: bool, nodes: list[int], message_type: str) -> list[Message]:
+        self._sent = []
+        for paired in (True, False):
+            group = [n for n in nodes if self._paired(n) == paired]
+            if not group:
+                continue
+            content = self._content(server_round, with_omics, paired)
+            size = R.record_bytes(content)
+            for n in group:
+                site = self.node_sites.get(n, f"node-{n}")
+                self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
+            self._sent += list(self._construct_messages(content, group, message_type))  # the grid sets their ids
         return self._sent
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -175,13 +192,13 @@ class MomkdFedAvgM(FedAvgM):
         nodes = self._sample(server_round, grid, self.cfg.federation.fraction_train, salt=0)
         self.info.sampled = [self.node_sites.get(n, f"node-{n}") for n in nodes]
         log.info("round %d: training at %s", server_round, self.info.sampled)
-        return self._messages(self._content(server_round, with_omics=True), nodes, MessageType.TRAIN)
+        return self._messages(server_round, True, nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Evaluation messages to every connected site (shared weights, memory, settings)."""
         nodes = self._sample(server_round, grid, 1.0, salt=1)
-        return self._messages(self._content(server_round, with_omics=False), nodes, MessageType.EVALUATE)
+        return self._messages(server_round, False, nodes, MessageType.EVALUATE)
 
     # ---------------------------------------------------------------------------------------------------------
     # replies

@@ -152,9 +152,19 @@ def test_federation_in_process(tiny, tmp_path):
     for k, v in at_best.state_dict().items():
         assert torch.equal(best_model.state_dict()[k], v), k
 
-    # every train message carried the genomic statistics; every reply named its site
+    # the paired sites' train messages carried the genomic statistics and the genomic encoder; the histology-only
+    # site was sent neither (it never uses them), in train and evaluate messages alike
+    by_site = {100 + i: s.name for i, s in enumerate(cfg.sites)}  # node id = 100 + partition id
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert all(contract.OMICS_RECORD in m.content.array_records for m in train_msgs)
+    assert len(train_msgs) == 6
+    for m in grid.sent:
+        if m.metadata.message_type not in ("train", "evaluate"):
+            continue
+        paired = by_site[m.metadata.dst_node_id] != "hospital_c"
+        keys = set(m.content.array_records[contract.ARRAYS_RECORD].keys())
+        assert any(k.startswith("omics_encoder.") for k in keys) == paired
+        assert (contract.OMICS_RECORD in m.content.array_records) == (paired and m.metadata.message_type == "train")
+    assert r1["bytes_sent"]["hospital_c"] < r1["bytes_sent"]["hospital_a"]
 
 
 def test_error_reply_is_dropped_and_logged(tiny, tmp_path):
