@@ -8,8 +8,11 @@ each ``federation.wire_dtype``:
   default policy, paired-only keys dropped at a histology-only site, packed by ``records.to_record`` with the
   wire dtype), the memory record of each mode (``client.local_round._memory_reply``: ema = sums + counts +
   slides, gradient = slots + usage + slides), the metrics and site records;
-- what the server sends the site per round (``MomkdFedAvgM._content``: train message with shared weights,
-  global memory and genomic statistics, evaluate message with shared weights and memory);
+- what the server sends the site per round (``MomkdFedAvgM._content``): in round 1 a train message with shared
+  weights, global memory and genomic statistics and an evaluate message with shared weights and memory; from
+  round 2 on the train message refers to the previous evaluate message's model, which the site cached, and
+  carries only the settings and genomic statistics (``down``; round 1: ``down r1``). A histology-only site is sent
+  neither the genomic encoder nor the genomic statistics;
 - against sending the whole model (full ``state_dict``: private head, decoder, temperature and memory included).
 
 "payload" = the arrays' serialised bytes (``records.record_bytes``, what ``rounds.jsonl`` logs as
@@ -17,8 +20,8 @@ each ``federation.wire_dtype``:
 records, metadata: what Flower actually transfers, before HTTP framing).
 
 Cross-check (unless ``--no-run``): one short real simulation of the tiny federation (Flower's simulation engine,
-1 round, per wire dtype asked for with ``--run-wire``) and its ``rounds.jsonl`` bytes per site compared with the
-computed ones. About 1.5 minutes per run on 2 shared cores; the tables alone take seconds::
+2 rounds, per wire dtype asked for with ``--run-wire``) and its ``rounds.jsonl`` bytes per site and round compared
+with the computed ones. About 1.5 minutes per run on 2 shared cores; the tables alone take seconds::
 
     FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 python benchmarks/communication.py
     python benchmarks/communication.py --no-run
@@ -99,12 +102,14 @@ def measure(cfg, n_genes: int) -> list[dict]:
                         n_genes=n_genes, omics_mean=np.zeros(n_genes, np.float32),
                         omics_std=np.ones(n_genes, np.float32), run_key="bench")
     strategy = MomkdFedAvgM(cfg, state, {})
-    down_train, down_eval = strategy._content(1, with_omics=True), strategy._content(1, with_omics=False)
-    down = R.record_bytes(down_train) + R.record_bytes(down_eval)
-    down_ser = serialised_bytes(down_train) + serialised_bytes(down_eval)
-
     rows = []
     for paired in (True, False):
+        train_full = strategy._content(1, with_omics=True, paired=paired)
+        train_cached = strategy._content(2, with_omics=True, paired=paired, cached=True)
+        evaluate = strategy._content(1, with_omics=False, paired=paired)
+        down_first = R.record_bytes(train_full) + R.record_bytes(evaluate)
+        down = R.record_bytes(train_cached) + R.record_bytes(evaluate)
+        down_ser = serialised_bytes(train_cached) + serialised_bytes(evaluate)
         shared = dict(trained)
         if not paired:
             for k in paired_only_keys(shared, cfg.federation):
@@ -124,7 +129,7 @@ def measure(cfg, n_genes: int) -> list[dict]:
                 "reply_serialised": serialised_bytes(reply["gradient"]),
                 "reply_payload_ema": R.record_bytes(reply["ema"]),
                 "full_model": R.record_bytes(full), "full_model_serialised": serialised_bytes(full),
-                "down_payload": down, "down_serialised": down_ser,
+                "down_payload": down, "down_serialised": down_ser, "down_first_payload": down_first,
             })
     return rows
 
@@ -134,7 +139,7 @@ def measure(cfg, n_genes: int) -> list[dict]:
 
 
 def real_run(out: Path, wire: str) -> dict:
-    """One round of the tiny federation through Flower's simulation engine; its rounds.jsonl row 1."""
+    """Two rounds of the tiny federation through Flower's simulation engine; their rounds.jsonl rows."""
     from momkd_fed.config import load_config
     from momkd_fed.run_log import read_rounds
     from momkd_fed.synth import synthesize
@@ -143,12 +148,12 @@ def real_run(out: Path, wire: str) -> dict:
     path = out / "data" / "federation.yaml"
     if not path.is_file():
         synthesize("tiny", out / "data", seed=0)
-    cfg = load_config(path, {"federation.rounds": 1, "memory.kmeans_iters": 3, "federation.wire_dtype": wire})
+    cfg = load_config(path, {"federation.rounds": 2, "memory.kmeans_iters": 3, "federation.wire_dtype": wire})
     status, summary = run_simulation(cfg, out / f"run_{wire}", timeout=900.0)
     if summary is None:
         raise RuntimeError(f"tiny simulation ({wire}) ended with status {status!r}; see {out / f'run_{wire}'}")
-    row = read_rounds(out / f"run_{wire}")[0]
-    return {"cfg": cfg, "row": row, "paired": {s: bool(v.get("paired")) for s, v in summary["sites"].items()}}
+    rows = read_rounds(out / f"run_{wire}")
+    return {"cfg": cfg, "rows": rows, "paired": {s: bool(v.get("paired")) for s, v in summary["sites"].items()}}
 
 
 def crosscheck(out: Path, wires: list[str]) -> list[dict]:
@@ -158,15 +163,17 @@ def crosscheck(out: Path, wires: list[str]) -> list[dict]:
     for wire in wires:
         t0 = time.perf_counter()
         run = real_run(out, wire)
-        cfg, row = run["cfg"], run["row"]
+        cfg = run["cfg"]
         n_genes = len(load_site(cfg.sites[0], cfg).genes)  # the federation's gene panel (a paired site)
         calc = {(r["site"], r["wire"]): r for r in measure(cfg, n_genes)}
-        for site, paired in sorted(run["paired"].items()):
-            c = calc[("paired" if paired else "histology-only", wire)]
-            lines.append({"wire": wire, "site": site, "paired": paired,
-                          "logged_received": row["bytes_received"][site], "computed_received": c["reply_payload"],
-                          "logged_sent": row["bytes_sent"][site], "computed_sent": c["down_payload"],
-                          "memory_update": cfg.memory.update, "seconds": time.perf_counter() - t0})
+        for row in run["rows"]:
+            for site, paired in sorted(run["paired"].items()):
+                c = calc[("paired" if paired else "histology-only", wire)]
+                sent = c["down_first_payload"] if row["round"] == 1 else c["down_payload"]
+                lines.append({"wire": wire, "round": row["round"], "site": site, "paired": paired,
+                              "logged_received": row["bytes_received"][site], "computed_received": c["reply_payload"],
+                              "logged_sent": row["bytes_sent"][site], "computed_sent": sent,
+                              "memory_update": cfg.memory.update, "seconds": time.perf_counter() - t0})
     return lines
 
 
@@ -180,15 +187,17 @@ def _kb(n: float) -> str:
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}: KiB per site per round (payload = serialised array bytes, as rounds.jsonl logs them)")
     print(f"{'site':<15}{'wire':<9}{'params':>10}{'shared':>11}{'mem ema':>9}{'mem grad':>9}{'metrics':>8}"
-          f"{'reply':>11}{'serialised':>11}{'full model':>11}{'reply/full':>11}{'down':>11}")
+          f"{'reply':>11}{'serialised':>11}{'full model':>11}{'reply/full':>11}{'down r1':>11}{'down':>11}")
     for r in rows:
         print(f"{r['site']:<15}{r['wire']:<9}{r['params_shared']:>10,}{_kb(r['shared']):>11}"
               f"{_kb(r['memory_ema']):>9}{_kb(r['memory_gradient']):>9}{_kb(r['metrics_serialised']):>8}"
               f"{_kb(r['reply_payload']):>11}{_kb(r['reply_serialised']):>11}{_kb(r['full_model']):>11}"
-              f"{r['reply_payload'] / r['full_model']:>11.3f}{_kb(r['down_payload']):>11}")
+              f"{r['reply_payload'] / r['full_model']:>11.3f}{_kb(r['down_first_payload']):>11}"
+              f"{_kb(r['down_payload']):>11}")
     print("  reply = shared + memory (gradient mode, the default); metrics = MetricRecord + site ConfigRecord "
           "serialised; full model = whole state_dict in float32; down = server -> site (train + evaluate "
-          "messages, float32)")
+          "messages, float32) from round 2 on (the train message refers to the site's cached model); down r1 = "
+          "round 1 (both carry the model)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = []
     if not args.no_run:
         checks = crosscheck(args.out, args.run_wire)
-        print("\ncross-check: real tiny simulation (1 round), rounds.jsonl bytes vs computed")
-        print(f"{'wire':<9}{'site':<13}{'paired':<7}{'received':>10}{'computed':>10}{'sent':>10}{'computed':>10}")
+        print("\ncross-check: real tiny simulation (2 rounds), rounds.jsonl bytes vs computed")
+        print(f"{'wire':<9}{'round':<6}{'site':<13}{'paired':<7}{'received':>10}{'computed':>10}{'sent':>10}"
+              f"{'computed':>10}")
         for c in checks:
-            print(f"{c['wire']:<9}{c['site']:<13}{str(c['paired']):<7}{c['logged_received']:>10,}"
+            print(f"{c['wire']:<9}{c['round']:<6}{c['site']:<13}{str(c['paired']):<7}{c['logged_received']:>10,}"
                   f"{c['computed_received']:>10,}{c['logged_sent']:>10,}{c['computed_sent']:>10,}")
         bad = [c for c in checks if c["logged_received"] != c["computed_received"]
                or c["logged_sent"] != c["computed_sent"]]

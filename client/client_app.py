@@ -5,7 +5,9 @@ Handlers (message types):
 - ``train``: local training (:func:`client.local_round.train_round`); reply ``"arrays"`` (shared weights),
   ``"memory"`` (memory aggregates), ``"metrics"`` (contract train metrics), ``"site"``.
 - ``evaluate``: histology-only test metrics of the global model (``"metrics"``) and of the personalised model
-  (``"metrics-personal"``). Only aggregate metrics leave the site, never per-slide outputs.
+  (``"metrics-personal"``). Only aggregate metrics leave the site, never per-slide outputs. The message's global
+  weights and memory are cached: the next train message refers to them instead of carrying them again (a site
+  without the cache replies ``"cache-miss"``, and the server resends in full).
 - ``query.omics_moments``: genomic sums / sums of squares / count over the training cases.
 - ``query.kmeans_seed`` / ``query.kmeans_step``: federated k-means statistics for the initial memory.
 
@@ -27,6 +29,7 @@ from . import records as R
 from .local_round import GlobalModel, audit_reply, cached_kmeans_points, evaluate_round, kmeans_points, train_round
 from .run_config import split_run_config
 from .site_runtime import SiteRuntime, state_dir
+from .site_state import load_global_cache, save_global_cache
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +49,19 @@ def _config(msg: Message) -> ConfigRecord:
     return msg.content.config_records.get(contract.CONFIG_RECORD, ConfigRecord())
 
 
-def _global(msg: Message) -> GlobalModel:
-    """Unpack shared weights, memory, genomic statistics and round settings from a server message."""
+def _global(msg: Message, cached: tuple[dict, object] | None = None) -> GlobalModel:
+    """Unpack shared weights, memory, genomic statistics and round settings from a server message
+    (``cached``: the shared weights and slots of a train message that refers to the site's cache)."""
     c = msg.content
     cfg = _config(msg)
-    shared = R.from_record(c.array_records[contract.ARRAYS_RECORD]) if contract.ARRAYS_RECORD in c.array_records \
-        else {}
-    slots = None
-    if contract.MEMORY_RECORD in c.array_records:
-        slots = R.from_record(c.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
+    if cached is not None:
+        shared, slots = cached
+    else:
+        shared = R.from_record(c.array_records[contract.ARRAYS_RECORD]) \
+            if contract.ARRAYS_RECORD in c.array_records else {}
+        slots = None
+        if contract.MEMORY_RECORD in c.array_records:
+            slots = R.from_record(c.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
     mean = std = None
     if contract.OMICS_RECORD in c.array_records:
         stats = c.array_records[contract.OMICS_RECORD]
@@ -76,11 +83,20 @@ def _state_dir(rt: SiteRuntime, context: Context, msg: Message):
 def train(msg: Message, context: Context) -> Message:
     """One round of local training."""
     rt = _runtime(context)
-    g = _global(msg)
     cfg = _config(msg)
+    sdir = _state_dir(rt, context, msg)
+    cached = None
+    if contract.CFG_CACHED_ROUND in cfg:  # the weights are those of the last evaluate message, cached here
+        cached = load_global_cache(sdir, int(cfg[contract.CFG_CACHED_ROUND]))
+        if cached is None:
+            log.warning("site %s: no cached global model of round %s; asking for it in full", rt.name,
+                        cfg[contract.CFG_CACHED_ROUND])
+            miss = ConfigRecord({contract.CFG_CACHED_ROUND: int(cfg[contract.CFG_CACHED_ROUND])})
+            return Message(RecordDict({contract.CACHE_MISS_RECORD: miss, R.SITE_RECORD: _site(rt)}), reply_to=msg)
+    g = _global(msg, cached)
     lr = float(cfg.get(contract.CFG_LR, rt.cfg.train.lr))
     epochs = int(cfg.get(contract.CFG_LOCAL_EPOCHS, rt.cfg.federation.local_epochs))
-    shared, memory, metrics = train_round(rt, g, _state_dir(rt, context, msg), lr, epochs)
+    shared, memory, metrics = train_round(rt, g, sdir, lr, epochs)
     content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared, rt.cfg.federation.wire_dtype, g.shared),
                           contract.METRICS_RECORD: R.metrics_record(metrics), R.SITE_RECORD: _site(rt)})
     if memory:
@@ -92,7 +108,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Histology-only test metrics of the global and the personalised model."""
     rt = _runtime(context)
-    glob, pers = evaluate_round(rt, _global(msg), _state_dir(rt, context, msg))
+    g = _global(msg)
+    sdir = _state_dir(rt, context, msg)
+    save_global_cache(sdir, g.round, g.shared, g.slots)  # the next train message refers to it
+    glob, pers = evaluate_round(rt, g, sdir)
     content = RecordDict({contract.METRICS_RECORD: R.metrics_record(glob),
                           R.PERSONAL_METRICS_RECORD: R.metrics_record(pers), R.SITE_RECORD: _site(rt)})
     return Message(content, reply_to=msg)

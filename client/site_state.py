@@ -11,6 +11,11 @@ by default) and the optimiser state are written after every local training round
 A resumed run that restarts round N+1 therefore reads exactly what round N left, whatever a crashed round N+1
 may have written. The last :data:`KEEP` states are kept. Nothing here ever leaves the site.
 
+It also holds :data:`GLOBAL_CACHE_FILE`: the global weights and memory of the last evaluate message. The next
+round's train message carries the very same tensors, so the server sends them only once per round: a train
+message with ``contract.CFG_CACHED_ROUND = r`` and no ``"arrays"`` / ``"memory"`` records means "the global model
+of round r's evaluate message" (:func:`load_global_cache`; a site without it says so and is sent them in full).
+
 The same folder holds the site's privacy files (``momkd_fed.privacy``): :data:`ACCOUNTANT_FILE`, the memory-DP
 budget spent in this run (saved before each train reply leaves; a re-run round is counted again, which only
 over-states the budget), and the audit log ``privacy_audit.jsonl`` (``privacy.audit.AUDIT_FILE``).
@@ -29,6 +34,7 @@ import torch
 log = logging.getLogger(__name__)
 
 KEEP = 3  # newest round states kept on disk
+GLOBAL_CACHE_FILE = "global_cache.pt"  # the last evaluate message's global weights and memory (one, overwritten)
 ACCOUNTANT_FILE = "privacy_accountant.json"  # the site's PrivacyAccountant (memory DP), never pruned
 _NAME = re.compile(r"^round_(\d{4,})\.pt$")
 
@@ -83,3 +89,32 @@ def load_site_state(state_dir: str | Path, before_round: int, inclusive: bool = 
     raw = torch.load(path, map_location="cpu", weights_only=True)
     log.debug("site state: read %s", path)
     return SiteState(round=int(raw["round"]), private=dict(raw["private"]), optimizer=raw["optimizer"])
+
+
+def save_global_cache(state_dir: str | Path, round_: int, shared: dict[str, torch.Tensor],
+                      slots: torch.Tensor | None) -> Path:
+    """Keep round ``round_``'s global shared weights and memory, exactly as received (atomic write)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / GLOBAL_CACHE_FILE
+    tmp = state_dir / f".{path.name}.{os.getpid()}.tmp"
+    torch.save({"round": int(round_), "shared": {k: v.detach().cpu() for k, v in shared.items()},
+                "slots": None if slots is None else slots.detach().cpu()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_global_cache(state_dir: str | Path, round_: int) -> tuple[dict[str, torch.Tensor], torch.Tensor | None] | None:
+    """The cached (shared weights, memory slots) of round ``round_``, or None if the cache holds another round or
+    is missing or unreadable (the site then asks for the weights in full)."""
+    path = Path(state_dir) / GLOBAL_CACHE_FILE
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # a torn or foreign file: ask for the weights instead of failing the round
+        log.warning("global cache %s unreadable (%s); asking the server for the weights", path, exc)
+        return None
+    if int(raw.get("round", -1)) != int(round_):
+        return None
+    return dict(raw["shared"]), raw.get("slots")

@@ -173,6 +173,9 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
     for rnd in range(state.round + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd, None, None, grid), timeout=fed.round_timeout)
+        replies, resend = strategy.split_cache_misses(rnd, replies)
+        if resend:
+            replies += list(grid.send_and_receive(resend, timeout=fed.round_timeout))
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if arrays is None:
             raise RuntimeError(f"round {rnd}: no usable training reply: {strategy.info.dropouts}")

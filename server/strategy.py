@@ -5,7 +5,11 @@ It keeps FedAvgM's role and hooks (``configure_train`` / ``aggregate_train`` / `
 what Flower's built-in cannot do:
 
 - messages also carry the global memory (``"memory"``), the genomic statistics (``"omics"``) and the run's
-  settings (``n-genes``, ``run-key``) in the ConfigRecord;
+  settings (``n-genes``, ``run-key``) in the ConfigRecord; a histology-only site is sent neither the paired-only
+  weights (the genomic encoder) nor the genomic statistics: it never uses them (a site whose kind is not known yet
+  is sent everything); a train message carries no weights or memory for a site that acknowledged the previous
+  round's evaluate message, which carried the same tensors and which the site cached (``split_cache_misses``
+  resends in full to a site that lost its cache): one copy of the model per site per round instead of two;
 - replies carry a second ArrayRecord (memory aggregates), which Flower's built-in aggregation rejects
   (``InconsistentMessageReplies``): it is taken out and merged with ``momkd_fed.federation.memory_merge``;
 - shared weights are averaged by ``momkd_fed.federation.aggregate`` (the genomic encoder over paired sites only;
@@ -124,6 +128,7 @@ class MomkdFedAvgM(FedAvgM):
         self.memory_mode = cfg.memory.update if self.has_memory else "frozen"
         self.memory_noised = self.memory_mode == "ema" and memory_dp(cfg)
         self.aggregator = make_aggregator(cfg)
+        self.cached: dict[str, int] = {}  # site -> round of the global model it cached (acknowledged evaluate)
 
     # ---------------------------------------------------------------------------------------------------------
     # messages
@@ -147,23 +152,57 @@ class MomkdFedAvgM(FedAvgM):
                              contract.CFG_MEMORY_UPDATE: self.memory_mode, R.CFG_N_GENES: int(self.state.n_genes),
                              R.CFG_RUN_KEY: self.state.run_key})
 
-    def _content(self, server_round: int, with_omics: bool) -> RecordDict:
-        content = RecordDict({contract.ARRAYS_RECORD: R.to_record(self.state.shared),
-                              contract.CONFIG_RECORD: self._config(server_round)})
-        if self.state.slots is not None:
-            content[contract.MEMORY_RECORD] = R.to_record({contract.SLOTS: self.state.slots})
-        if with_omics and self.state.omics_mean is not None and self.state.omics_std is not None:
+    def _content(self, server_round: int, with_omics: bool, paired: bool, cached: bool = False) -> RecordDict:
+        """What a site is sent; ``paired=False``: without the paired-only weights and the genomic statistics;
+        ``cached``: without weights and memory, which the site holds from round ``server_round - 1``'s evaluate
+        message (``contract.CFG_CACHED_ROUND``)."""
+        config = self._config(server_round)
+        content = RecordDict({contract.CONFIG_RECORD: config})
+        if cached:
+            config[contract.CFG_CACHED_ROUND] = server_round - 1
+        else:
+            shared = self.state.shared
+            if not paired:
+                drop = set(paired_only_keys(shared, self.cfg.federation))
+                shared = {k: v for k, v in shared.items() if k not in drop}
+            content[contract.ARRAYS_RECORD] = R.to_record(shared)
+            if self.state.slots is not None:
+                content[contract.MEMORY_RECORD] = R.to_record({contract.SLOTS: self.state.slots})
+        if paired and with_omics and self.state.omics_mean is not None and self.state.omics_std is not None:
             content[contract.OMICS_RECORD] = R.to_record({R.NORM_KEYS[0]: self.state.omics_mean,
                                                           R.NORM_KEYS[1]: self.state.omics_std})
         return content
 
-    def _messages(self, content: RecordDict, nodes: list[int], message_type: str) -> list[Message]:
-        size = R.record_bytes(content)
-        for n in nodes:
-            site = self.node_sites.get(n, f"node-{n}")
-            self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
-        self._sent = list(self._construct_messages(content, nodes, message_type))  # the grid sets their ids
-        return self._sent
+    def _paired(self, node: int) -> bool:
+        """Whether the node's site holds genomics (True while unknown: it is then sent everything)."""
+        return bool(self.state.sites.get(self.node_sites.get(node, ""), {}).get("paired", True))
+
+    def _holds_cache(self, node: int, server_round: int, message_type: str) -> bool:
+        """Whether a train message to ``node`` may refer to the site's cached global model of the last round."""
+        site = self.node_sites.get(node)
+        return message_type == MessageType.TRAIN and site is not None and self.cached.get(site) == server_round - 1
+
+    def _messages(self, server_round: int, with_omics: bool, nodes: list[int], message_type: str,
+                  full: bool = False, append: bool = False) -> list[Message]:
+        """Messages to ``nodes``, one content per (paired, holds the cache) group; ``full``: never refer to a
+        cache; ``append``: keep the messages already sent this phase (error replies are matched against them)."""
+        if not append:
+            self._sent = []
+        out: list[Message] = []
+        for paired in (True, False):
+            for cached in (False, True):
+                group = [n for n in nodes if self._paired(n) == paired
+                         and (not full and self._holds_cache(n, server_round, message_type)) == cached]
+                if not group:
+                    continue
+                content = self._content(server_round, with_omics, paired, cached)
+                size = R.record_bytes(content)
+                for n in group:
+                    site = self.node_sites.get(n, f"node-{n}")
+                    self.info.bytes_sent[site] = self.info.bytes_sent.get(site, 0) + size
+                out += list(self._construct_messages(content, group, message_type))  # the grid sets their ids
+        self._sent += out
+        return out
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -175,13 +214,35 @@ class MomkdFedAvgM(FedAvgM):
         nodes = self._sample(server_round, grid, self.cfg.federation.fraction_train, salt=0)
         self.info.sampled = [self.node_sites.get(n, f"node-{n}") for n in nodes]
         log.info("round %d: training at %s", server_round, self.info.sampled)
-        return self._messages(self._content(server_round, with_omics=True), nodes, MessageType.TRAIN)
+        return self._messages(server_round, True, nodes, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Evaluation messages to every connected site (shared weights, memory, settings)."""
         nodes = self._sample(server_round, grid, 1.0, salt=1)
-        return self._messages(self._content(server_round, with_omics=False), nodes, MessageType.EVALUATE)
+        return self._messages(server_round, False, nodes, MessageType.EVALUATE)
+
+    def split_cache_misses(self, server_round: int, replies: Iterable[Message]) -> tuple[list[Message],
+                                                                                        list[Message]]:
+        """Train replies -> (the answers, full train messages for the sites that lacked the cached model).
+
+        A site replies ``contract.CACHE_MISS_RECORD`` (having trained nothing) when a train message refers to a
+        cached global model it does not hold (lost state folder, another machine); it is sent the weights now.
+        """
+        kept, missed = [], []
+        for msg in replies:
+            if msg.has_content() and contract.CACHE_MISS_RECORD in msg.content.config_records:
+                site = self._site(msg)
+                self._received(msg, site)
+                self.cached.pop(site, None)
+                missed.append(msg.metadata.src_node_id)
+            else:
+                kept.append(msg)
+        if not missed:
+            return kept, []
+        log.warning("round %d: %s lacked the cached global model; sending it in full", server_round,
+                    [self.node_sites.get(n, f"node-{n}") for n in missed])
+        return kept, self._messages(server_round, True, missed, MessageType.TRAIN, full=True, append=True)
 
     # ---------------------------------------------------------------------------------------------------------
     # replies
@@ -291,6 +352,7 @@ class MomkdFedAvgM(FedAvgM):
                 self.info.dropouts.append({"site": site, "phase": "evaluate", "reason": str(exc)})
                 continue
             good[site] = {"global": glob, "personal": pers}
+            self.cached[site] = server_round  # it holds this round's global model: next train message refers to it
         self.info.evaluate = good
         if not good:
             return None

@@ -152,9 +152,71 @@ def test_federation_in_process(tiny, tmp_path):
     for k, v in at_best.state_dict().items():
         assert torch.equal(best_model.state_dict()[k], v), k
 
-    # every train message carried the genomic statistics; every reply named its site
+    # the paired sites' train messages carried the genomic statistics and the genomic encoder; the histology-only
+    # site was sent neither (it never uses them), in train and evaluate messages alike
+    by_site = {100 + i: s.name for i, s in enumerate(cfg.sites)}  # node id = 100 + partition id
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert all(contract.OMICS_RECORD in m.content.array_records for m in train_msgs)
+    assert len(train_msgs) == 6
+    for m in grid.sent:
+        if m.metadata.message_type not in ("train", "evaluate"):
+            continue
+        paired = by_site[m.metadata.dst_node_id] != "hospital_c"
+        if contract.ARRAYS_RECORD in m.content.array_records:  # (round 2's train messages refer to a cache)
+            keys = set(m.content.array_records[contract.ARRAYS_RECORD].keys())
+            assert any(k.startswith("omics_encoder.") for k in keys) == paired
+        assert (contract.OMICS_RECORD in m.content.array_records) == (paired and m.metadata.message_type == "train")
+    assert r1["bytes_sent"]["hospital_c"] < r1["bytes_sent"]["hospital_a"]
+    # round 2's train messages refer to the global model of round 1's evaluate message, which every site cached:
+    # one copy of the model per site per round instead of two
+    r2_train = [m for m in train_msgs if m.content.config_records[contract.CONFIG_RECORD][contract.CFG_ROUND] == 2]
+    assert len(r2_train) == 3
+    for m in r2_train:
+        assert contract.ARRAYS_RECORD not in m.content.array_records
+        assert contract.MEMORY_RECORD not in m.content.array_records
+        assert m.content.config_records[contract.CONFIG_RECORD][contract.CFG_CACHED_ROUND] == 1
+    r2 = rows[1]
+    assert all(r2["bytes_sent"][s] < 0.6 * r1["bytes_sent"][s] for s in r1["bytes_sent"])
+
+
+class CacheLosingGrid(InProcessGrid):
+    """Deletes a node's cached global model just before a train message that refers to it reaches the node."""
+
+    def __init__(self, *a, lose: int, state_root: Path, **k) -> None:
+        super().__init__(*a, **k)
+        self.lose, self.state_root = lose, state_root
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for m in messages:
+            cfg = m.content.config_records.get(contract.CONFIG_RECORD, {})
+            if m.metadata.dst_node_id == self.lose and contract.CFG_CACHED_ROUND in cfg:
+                for f in self.state_root.glob("*/*/global_cache.pt"):
+                    if f.parent.parent.name == self.site:
+                        f.unlink()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_a_site_that_lost_its_cache_is_sent_the_model_in_full(tiny, tmp_path):
+    """Same result as the run where nothing is lost; the site's round-2 train message is resent with weights."""
+    full, lost = tmp_path / "full", tmp_path / "lost"
+    rc = _run_config(tiny, full)
+    cfg, opts = split_run_config(rc)
+    run_federation(InProcessGrid(rc, 3), cfg, opts)
+    rc2 = _run_config(tiny, lost)
+    cfg2, opts2 = split_run_config(rc2)
+    grid = CacheLosingGrid(rc2, 3, lose=101, state_root=lost / "site_state")
+    grid.site = cfg2.sites[1].name
+    result = run_federation(grid, cfg2, opts2)
+    assert result["rounds_completed"] == 2
+    to_lost = [m for m in grid.sent if m.metadata.dst_node_id == 101 and m.metadata.message_type == "train"
+               and m.content.config_records[contract.CONFIG_RECORD][contract.CFG_ROUND] == 2]
+    assert [contract.ARRAYS_RECORD in m.content.array_records for m in to_lost] == [False, True]  # miss, resend
+    row = json.loads((lost / "rounds.jsonl").read_text().splitlines()[1])
+    assert set(row["train"]) == {s.name for s in cfg2.sites} and row["dropouts"] == []
+    a, b = run_outputs.load_latest(full, cfg), run_outputs.load_latest(lost, cfg2)
+    for k in a.shared:
+        assert torch.equal(a.shared[k], b.shared[k]), k
+    assert torch.equal(a.slots, b.slots)
 
 
 def test_error_reply_is_dropped_and_logged(tiny, tmp_path):

@@ -167,3 +167,38 @@ def test_abmil_forward_backward_and_factory():
     cfg.model.name = "nope"
     with pytest.raises(ConfigError, match="model.name"):
         build_model(cfg, D_IN, G)
+
+
+def test_histology_only_step_never_touches_the_genomic_branch():
+    """A slide without genomics: the genomic encoder and projection take no part in the loss or its gradient, so a
+    histology-only site need not be sent them (server/strategy.py leaves them out of its messages)."""
+    from momkd_fed.federation.sharing import paired_only_keys
+
+    cfg = small_cfg()
+    torch.manual_seed(3)
+    model = build_model(cfg, D_IN, G).train()
+    genomic = paired_only_keys(dict(model.named_parameters()), cfg.federation)
+    assert genomic and all(k.startswith(("omics_encoder.", "omics_proj.")) for k in genomic)
+    x, nb = bag(30)
+
+    def step(m):
+        torch.manual_seed(0)  # same dropout
+        m.zero_grad(set_to_none=True)
+        out = m(x, nb, None)
+        lb = m.loss(out, 1, None)
+        lb.total.backward()
+        return lb.total.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    total, grads = step(model)
+    assert all(grads[k] is None or not grads[k].any() for k in genomic)
+    other = build_model(cfg, D_IN, G).train()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for n, p in other.named_parameters():
+            if n in genomic:
+                p.add_(torch.randn_like(p))  # a different genomic branch
+    total2, grads2 = step(other)
+    assert torch.equal(total, total2)
+    for n, g in grads.items():
+        if n not in genomic:
+            assert (g is None and grads2[n] is None) or torch.equal(g, grads2[n]), n

@@ -3,9 +3,13 @@
 Messages (Flower ``RecordDict``), by record name:
 
 Server -> site (train, evaluate):
-    ``"arrays"`` (ArrayRecord)   shared weights, state-dict keys of the shared group (``sharing.partition_state``).
+    ``"arrays"`` (ArrayRecord)   shared weights, state-dict keys of the shared group (``sharing.partition_state``);
+                                 without the paired-only keys for a histology-only site.
     ``"memory"`` (ArrayRecord)   ``{"slots": (2, K, S)}`` the global memory.
     ``"config"`` (ConfigRecord)  keys in :data:`CONFIG_KEYS`.
+    A train message to a site that acknowledged the previous round's evaluate message carries neither
+    ``"arrays"`` nor ``"memory"`` but :data:`CFG_CACHED_ROUND` (the same tensors, cached by the site); a site
+    without that cache replies :data:`CACHE_MISS_RECORD` and is sent the message in full.
 
 Site -> server, train reply:
     ``"arrays"`` (ArrayRecord)   the site's trained shared weights (same keys; a histology-only site may omit the
@@ -16,8 +20,9 @@ Site -> server, train reply:
     ``"metrics"`` (MetricRecord) exactly :data:`TRAIN_METRIC_KEYS`.
 
 Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS` (the *global* model's
-test metrics, and its validation metrics, from which the server picks the best round) and ``"metrics-personal"`` (:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model,
-i.e. global shared weights + the site's private head and temperature).
+test metrics, and its validation metrics, from which the server picks the best round) and ``"metrics-personal"``
+(:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model, i.e. global shared weights + the site's
+private head and temperature).
 
 Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRecord (:data:`SITE_RECORD`, keys
 :data:`SITE_KEYS`): who replied (node ids are not stable across restarts).
@@ -83,6 +88,10 @@ CFG_MEMORY_UPDATE = "memory-update"  # str, "gradient" | "ema" | "frozen"
 CFG_N_GENES = "n-genes"  # int, genes of the federation's genomic branch (0 = none)
 CFG_RUN_KEY = "run-key"  # str, identifies the run across a resume (a site keys its private state by it)
 CONFIG_KEYS = (CFG_ROUND, CFG_LR, CFG_LOCAL_EPOCHS, CFG_MEMORY_UPDATE, CFG_N_GENES, CFG_RUN_KEY)
+CFG_CACHED_ROUND = "cached-round"  # int, train messages only, optional: the message carries no "arrays" / "memory";
+# they are those of this round's evaluate message, which the site cached (client/site_state.py)
+CACHE_MISS_RECORD = "cache-miss"  # ConfigRecord of a train reply {CFG_CACHED_ROUND: r}: the site lacks round r's
+# cached weights (nothing trained); the server resends the message in full
 
 # ---- query names (Python identifiers: Flower custom actions) -----------------------------------------------------
 QUERY_KMEANS_SEED = "kmeans_seed"
