@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -142,12 +143,9 @@ def real_run(out: Path, wire: str) -> dict:
     """Two rounds of the tiny federation through Flower's simulation engine; their rounds.jsonl rows."""
     from momkd_fed.config import load_config
     from momkd_fed.run_log import read_rounds
-    from momkd_fed.synth import synthesize
     from server.simulate import run_simulation
 
     path = out / "data" / "federation.yaml"
-    if not path.is_file():
-        synthesize("tiny", out / "data", seed=0)
     cfg = load_config(path, {"federation.rounds": 2, "memory.kmeans_iters": 3, "federation.wire_dtype": wire})
     status, summary = run_simulation(cfg, out / f"run_{wire}", timeout=900.0)
     if summary is None:
@@ -158,7 +156,10 @@ def real_run(out: Path, wire: str) -> dict:
 
 def crosscheck(out: Path, wires: list[str]) -> list[dict]:
     from momkd_fed.data.site import load_site
+    from momkd_fed.synth import synthesize
 
+    shutil.rmtree(out / "data", ignore_errors=True)  # fresh: a kept folder would hold an older preset's dims
+    synthesize("tiny", out / "data", seed=0)
     lines = []
     for wire in wires:
         t0 = time.perf_counter()
