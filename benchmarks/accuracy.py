@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="cohort seed (histology and splits)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--models", default="momkd,abmil", help="comma list of momkd, abmil")
+    p.add_argument("--histology-only", action="store_true",
+                   help="every site without genomics, in every run (rows say so; a resume keeps them apart)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run, e.g. --set memory.update=frozen (repeatable)")
     p.add_argument("--quick", action="store_true",
@@ -414,12 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     if results_path.exists():  # resume: skip runs already recorded with the same settings
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
-            if r.get("overrides") == json.loads(json.dumps(ov)):
+            same = r.get("overrides") == json.loads(json.dumps(ov))
+            if same and r.get("histology_only", False) == a.histology_only:
                 done[(r["task"], r["seed"], r["setting"], r["model"], r["variant"])] = r
     rows = list(done.values())
     genomic, histo = {}, {}
     for task in a.tasks:
         base = with_overrides(load_config(cohort(a, task)), ov)
+        if a.histology_only:
+            base = histology_only(base)
         genomic[task] = [s.name for s in base.sites if s.omics]
         histo[task] = [s.name for s in base.sites if not s.omics]
         for seed in a.seeds:
@@ -431,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{model}-{variant}"
                 t0 = time.perf_counter()
                 row = {"task": task, "seed": seed, "setting": setting, "model": model, "variant": variant,
-                       "overrides": ov}
+                       "overrides": ov, **({"histology_only": True} if a.histology_only else {})}
                 try:
                     row["result"] = execute(setting, cfg, run_dir)
                 except Exception as exc:  # one failed run is recorded, not fatal to the benchmark
@@ -483,9 +488,9 @@ def report(a, argv, rows, genomic, histo, seconds) -> str:
     except OSError:
         pass
     settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "models",
-                                            "max_slides_per_site", "median_patches", "max_patches", "epochs",
-                                            "patience", "rounds", "local_epochs", "lr", "precision", "threads",
-                                            "model_config")}
+                                            "histology_only", "set", "max_slides_per_site", "median_patches",
+                                            "max_patches", "epochs", "patience", "rounds", "local_epochs", "lr",
+                                            "precision", "threads", "model_config")}
     run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
     head = [f"Run {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} CPUs visible, "
             f"torch {torch.__version__}; {len(rows)} trainings, {run_minutes:.1f} min of run time in all (this "
