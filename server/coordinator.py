@@ -36,7 +36,7 @@ from pathlib import Path
 
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import MomkdError
-from momkd_fed.run_log import ROUNDS_FILE, SUMMARY_FILE, iter_rounds, read_summary
+from momkd_fed.run_log import BEST_MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE, iter_rounds, read_summary
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
@@ -357,8 +357,12 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
         say(f"report: {page}")
     except Exception as exc:  # the run itself completed: a plotting problem must not fail it
         log.warning("the HTML report could not be built: %s", exc)
-    auc = summary.get("test_auc", {}).get("pooled")
-    auc_s = "n/a" if auc is None or (isinstance(auc, float) and math.isnan(auc)) else f"{auc:.3f}"
-    say(f"done: {summary.get('rounds_completed')} rounds, test AUC (slide-weighted mean over sites) {auc_s} "
-        f"-> {out / SUMMARY_FILE}")
+    def fmt(x) -> str:
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    best = summary.get("best") or {}
+    best_auc = ((best.get("test_auc_by_head") or {}).get("global_test_auc_memory") or {}).get("pooled")
+    say(f"done: {summary.get('rounds_completed')} rounds, test AUC (slide-weighted mean over sites) "
+        f"{fmt(summary.get('test_auc', {}).get('pooled'))} (last round), {fmt(best_auc)} (round {best.get('round')}, "
+        f"best by validation: {out / BEST_MODEL_FILE}) -> {out / SUMMARY_FILE}")
     return EXIT_OK

@@ -77,13 +77,14 @@ def test_tls_node_auth_two_sites_complete_and_unregistered_key_refused(fed, tmp_
             assert "No SuperNode found with the given public key" in (out / "flower" / "superlink.log").read_text()
             # one progress row per round, with both sites' AUCs
             assert re.search(r"^\s+1\s+\d+\.\d", text, re.M) and re.search(r"^\s+2\s+\d+\.\d", text, re.M), text
-            assert "done: 2 rounds" in text
+            assert "done: 2 rounds" in text and "best by validation" in text
             rows = rounds(out)
             assert [r["round"] for r in rows] == [1, 2]
             assert all(set(r["sampled"]) == set(SITES) and not r["dropouts"] for r in rows)
             summary = json.loads((out / "summary.json").read_text())
             assert summary["rounds_completed"] == 2 and set(SITES) <= set(summary["test_auc"])
             assert (out / "global_model.pt").is_file() and (out / "checkpoints").is_dir()
+            assert summary["best"]["round"] in (1, 2) and (out / "best_model.pt").is_file()
             assert (out / "report" / "index.html").is_file()
             # the SuperLink and everything below it are gone; the sites are still connected, waiting
             assert all(not _finished(c) for c in clients), [c.tail() for c in clients]
