@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import signal
 import subprocess
@@ -42,7 +41,7 @@ from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
 from .deploy import (CONNECTION_NAME, FlowerProcess, LaunchError, flower_env, flwr_cli, list_nodes,
                      register_site_keys, start_superlink, write_flwr_config)
-from .simulate import RoundTable
+from .simulate import RoundTable, fmt_auc
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +356,9 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
         say(f"report: {page}")
     except Exception as exc:  # the run itself completed: a plotting problem must not fail it
         log.warning("the HTML report could not be built: %s", exc)
-    def fmt(x) -> str:
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
     best = summary.get("best") or {}
     best_auc = ((best.get("test_auc_by_head") or {}).get("global_test_auc_memory") or {}).get("pooled")
     say(f"done: {summary.get('rounds_completed')} rounds, test AUC (slide-weighted mean over sites) "
-        f"{fmt(summary.get('test_auc', {}).get('pooled'))} (last round), {fmt(best_auc)} (round {best.get('round')}, "
-        f"best by validation: {out / BEST_MODEL_FILE}) -> {out / SUMMARY_FILE}")
+        f"{fmt_auc(summary.get('test_auc', {}).get('pooled'))} (last round), {fmt_auc(best_auc)} (round "
+        f"{best.get('round')}, best by validation: {out / BEST_MODEL_FILE}) -> {out / SUMMARY_FILE}")
     return EXIT_OK

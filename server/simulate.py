@@ -54,6 +54,11 @@ def _on_sigterm(signum, frame):  # pragma: no cover - exercised by hand
 # the table printed while the run goes
 
 
+def fmt_auc(x: float | None, missing: str = "n/a") -> str:
+    """An AUC for the console: three decimals, ``missing`` for None or NaN (a one-class split)."""
+    return missing if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
 class RoundTable:
     """Prints one aligned row per round: seconds, mean train loss, per-site test AUC (global memory score /
     personalised classifier) and the pooled value."""
@@ -73,7 +78,7 @@ class RoundTable:
 
     def row(self, r: dict) -> None:
         def fmt(v) -> str:
-            return "  -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+            return fmt_auc(v, missing="  -  ")
 
         cells = "".join(f"{fmt(r['test_auc'].get(s)) + '/' + fmt(r['test_auc_personal'].get(s)):>{self.width + 2}}"
                         for s in self.sites)
@@ -191,10 +196,6 @@ def pooled_test_auc(cfg: Config, out_dir: Path, model_file: str = GLOBAL_MODEL_F
     return out
 
 
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None or math.isnan(x) else f"{x:.3f}"
-
-
 def model_device(model):
     return next(model.parameters()).device
 
@@ -292,7 +293,7 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
     auc = summary["test_auc"]["pooled"]
     best = summary.get("best", {})
     best_auc = best.get("test_auc_pooled", {}).get("memory")
-    table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC {_fmt(auc)} (last round), "
-                        f"{_fmt(best_auc)} (round {best.get('round')}, best by validation: {BEST_MODEL_FILE}) in "
+    table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC {fmt_auc(auc)} (last round), "
+                        f"{fmt_auc(best_auc)} (round {best.get('round')}, best by validation: {BEST_MODEL_FILE}) in "
                         f"{summary['seconds_simulate']:.0f} s -> {out_dir / SUMMARY_FILE}")
     return 0

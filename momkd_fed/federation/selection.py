@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..run_log import slide_weighted_mean
 from . import contract
 
 
@@ -32,10 +33,8 @@ def pooled_validation(site_metrics: Mapping[str, Mapping[str, float]], key: str)
     site_metrics : mapping
         Site -> its evaluate metrics (:data:`contract.EVALUATE_METRIC_KEYS`) of the global model.
     """
-    pairs = [(float(m[key]), float(m[contract.VAL_SLIDES])) for m in site_metrics.values()
-             if math.isfinite(float(m[key])) and float(m[contract.VAL_SLIDES]) > 0]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+    return slide_weighted_mean({s: m[key] for s, m in site_metrics.items()},
+                               {s: m[contract.VAL_SLIDES] for s, m in site_metrics.items()})
 
 
 @dataclass
