@@ -79,7 +79,7 @@ def measure(cfg, n_genes: int) -> list[dict]:
     from client.site_runtime import build_initial_model
     from momkd_fed.federation import contract
     from momkd_fed.federation.aggregate import FedAvgMState
-    from momkd_fed.federation.sharing import paired_only_keys, partition_state
+    from momkd_fed.federation.sharing import histology_only_part, partition_state
     from server.run_outputs import ServerState
     from server.strategy import MomkdFedAvgM
 
@@ -111,10 +111,7 @@ def measure(cfg, n_genes: int) -> list[dict]:
         down_first = R.record_bytes(train_full) + R.record_bytes(evaluate)
         down = R.record_bytes(train_cached) + R.record_bytes(evaluate)
         down_ser = serialised_bytes(train_cached) + serialised_bytes(evaluate)
-        shared = dict(trained)
-        if not paired:
-            for k in paired_only_keys(shared, cfg.federation):
-                del shared[k]
+        shared = dict(trained) if paired else histology_only_part(trained, cfg.federation)
         for wire in WIRES:
             arrays = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared, wire, glob)})
             mem = {m: RecordDict({contract.MEMORY_RECORD: R.to_record(t)}) for m, t in memory.items()}

@@ -34,7 +34,8 @@ from momkd_fed.data.bag import Bag
 from momkd_fed.engine import evaluate, make_optimizer, train_epoch
 from momkd_fed.federation import contract
 from momkd_fed.federation.memory_merge import SlotUsage
-from momkd_fed.federation.sharing import overlay_state, paired_only_keys, partition_state
+from momkd_fed.federation.sharing import (classifier_shared, histology_only_part, overlay_state,
+                                          partition_state)
 from momkd_fed.metrics import roc_auc
 from momkd_fed.privacy import (AuditLog, PrivacyAccountant, SlotAccumulator, assign_slots, audit_record,
                                check_privacy, clip_shared_weights, dp_covers, memory_dp, memory_release,
@@ -137,10 +138,7 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     val = evaluate(model, rt.normalised("val", None, None), rt.device, cfg.train.precision)
     part = partition_state(model.state_dict(), cfg.federation)
     save_site_state(state_dir, SiteState(round=g.round, private=part.private, optimizer=optimizer.state_dict()))
-    shared = dict(part.shared)
-    if not rt.paired:
-        for k in paired_only_keys(shared, cfg.federation):
-            del shared[k]
+    shared = dict(part.shared) if rt.paired else histology_only_part(part.shared, cfg.federation)
     audit: dict = {"covers": dp_covers(cfg)}
     if cfg.privacy.update_clip_norm > 0.0:
         shared, norm = clip_shared_weights(shared, g.shared, cfg.privacy.update_clip_norm)
@@ -225,7 +223,7 @@ def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> tuple[di
     """
     cfg = rt.cfg
     splits = {"test": rt.normalised("test", None, None), "val": rt.normalised("val", None, None)}
-    head_shared = any(p.startswith("classifier") for p in cfg.federation.shared)
+    head_shared = classifier_shared(cfg.federation.shared)
     saved = load_site_state(state_dir, g.round, inclusive=True)
     out = []
     for model, head in ((_assemble(rt, g, None), head_shared), (_assemble(rt, g, saved.private if saved else None),

@@ -49,7 +49,7 @@ from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import SharedUpdate
 from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
 from momkd_fed.federation.replies import SiteReply
-from momkd_fed.federation.sharing import paired_only_keys
+from momkd_fed.federation.sharing import histology_only_part, paired_only_keys
 from momkd_fed.privacy import dp_covers, make_aggregator, memory_dp, update_dp, validate_replies
 
 from client import records as R
@@ -161,10 +161,7 @@ class MomkdFedAvgM(FedAvgM):
         if cached:
             config[contract.CFG_CACHED_ROUND] = server_round - 1
         else:
-            shared = self.state.shared
-            if not paired:
-                drop = set(paired_only_keys(shared, self.cfg.federation))
-                shared = {k: v for k, v in shared.items() if k not in drop}
+            shared = self.state.shared if paired else histology_only_part(self.state.shared, self.cfg.federation)
             content[contract.ARRAYS_RECORD] = R.to_record(shared)
             if self.state.slots is not None:
                 content[contract.MEMORY_RECORD] = R.to_record({contract.SLOTS: self.state.slots})

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 from ..run_log import slide_weighted_mean
 from . import contract
+from .sharing import classifier_shared
 
 
 def monitor_key(shared: list[str]) -> str:
     """:data:`contract.VAL_AUC` if the classifier is shared, else :data:`contract.VAL_AUC_MEMORY`."""
-    return contract.VAL_AUC if any(p.startswith("classifier") for p in shared) else contract.VAL_AUC_MEMORY
+    return contract.VAL_AUC if classifier_shared(shared) else contract.VAL_AUC_MEMORY
 
 
 def pooled_validation(site_metrics: Mapping[str, Mapping[str, float]], key: str) -> float:

@@ -148,6 +148,17 @@ def paired_only_keys(keys: Iterable[str], fed: FederationConfig) -> list[str]:
     return [k for k in keys if not k.startswith(MEMORY_PREFIX) and _matches(k, fed.paired_only)]
 
 
+def histology_only_part(shared: Mapping[str, torch.Tensor], fed: FederationConfig) -> dict[str, torch.Tensor]:
+    """``shared`` without the paired-only keys: what a histology-only site sends and is sent."""
+    drop = set(paired_only_keys(shared, fed))
+    return {k: v for k, v in shared.items() if k not in drop}
+
+
+def classifier_shared(shared_prefixes: Iterable[str]) -> bool:
+    """Whether the classifier head is shared (the global model then has a trained classifier)."""
+    return any(p.startswith("classifier") for p in shared_prefixes)
+
+
 def overlay_state(
     local: Mapping[str, torch.Tensor], incoming: Mapping[str, torch.Tensor], what: str = "shared weights",
     allow_missing: Iterable[str] = (),
