@@ -154,6 +154,16 @@ class PrivacyConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Calibrated probabilities and decision thresholds of the trained heads, fitted on validation (calibration.py)."""
+
+    bins: int = 50  # equal-width bins over a head's score range for the validation histograms sites send (federated)
+    # decision threshold on validation: Youden's J, or the most specific one meeting target_sensitivity
+    threshold: Literal["youden", "sensitivity"] = "youden"
+    target_sensitivity: float = 0.9  # with threshold: sensitivity, the lowest validation sensitivity accepted
+
+
+@dataclass
 class SiteConfig:
     """One hospital's local data (never sent)."""
 
@@ -176,6 +186,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     sites: list[SiteConfig] = field(default_factory=list)
 
     def site(self, name: str) -> SiteConfig:
@@ -282,6 +293,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"federation.memory_momentum: must be in [0, 1), got {cfg.federation.memory_momentum}")
     if not 0.0 < cfg.split.val_fraction + cfg.split.test_fraction < 1.0:
         raise ConfigError("split.val_fraction + split.test_fraction: must be in (0, 1)")
+    if cfg.calibration.bins < 2:
+        raise ConfigError(f"calibration.bins: must be >= 2, got {cfg.calibration.bins}")
+    if not 0.0 < cfg.calibration.target_sensitivity < 1.0:
+        raise ConfigError(f"calibration.target_sensitivity: must be in (0, 1), got "
+                          f"{cfg.calibration.target_sensitivity}")
     names = [s.name for s in cfg.sites]
     for i, s in enumerate(cfg.sites):
         if not s.name:
