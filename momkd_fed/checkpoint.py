@@ -63,7 +63,11 @@ def save_checkpoint(
         Genomic z-score statistics used in training (informational: inference is histology-only).
     extra : dict, optional
         Plain data stored alongside, e.g. ``round``, ``epoch``, ``metrics``, ``threshold``, ``genes``. Keys
-        ``round``, ``epoch``, ``metrics`` and ``threshold`` are also lifted to the top level of the metadata.
+        ``round``, ``epoch``, ``metrics``, ``threshold``, ``heads``, ``primary_head`` and ``calibration`` are
+        lifted to the top level of the metadata: ``heads`` = ``{"classifier": "trained" | "untrained"[,
+        "memory": "trained"]}`` and ``primary_head`` (the head ``predict`` answers with) as
+        :mod:`momkd_fed.heads` defines them; ``calibration`` = ``{head: Calibration.to_dict()}``
+        (:mod:`momkd_fed.calibration`), the calibrated probability and decision threshold of each trained head.
 
     Returns
     -------
@@ -89,6 +93,9 @@ def save_checkpoint(
         "epoch": extra.pop("epoch", None),
         "metrics": _plain(extra.pop("metrics", {})),
         "threshold": _plain(extra.pop("threshold", None)),
+        "heads": _plain(extra.pop("heads", None)),
+        "primary_head": extra.pop("primary_head", None),
+        "calibration": _plain(extra.pop("calibration", None)),
         "extra": _plain(extra),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -155,7 +162,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     model : nn.Module on ``map_location``, in eval mode
     cfg : Config, the config it was trained with
     meta : dict, everything in the checkpoint except the weights (``versions``, ``round``, ``epoch``,
-        ``metrics``, ``threshold``, ``feature_dim``, ``n_genes``, ``omics_norm``, ``extra``, ``config``)
+        ``metrics``, ``threshold``, ``heads``, ``primary_head``, ``calibration``, ``feature_dim``, ``n_genes``,
+        ``omics_norm``, ``extra``, ``config``; files written before heads were recorded lack those three)
     """
     from .model import build_model
 

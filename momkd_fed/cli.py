@@ -128,21 +128,31 @@ def train(
 
 @app.command()
 def predict(
-    model: Path = typer.Option(..., "--model", help="Checkpoint (model.pt or global_model.pt)."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint: best_model.pt (federation), a site's "
+                                                    "personal_model.pt, or model.pt (train)."),
     features: Path = typer.Option(..., "--features", help="One .h5 feature file or a folder of them."),
     out: Path = typer.Option(..., help="Output folder."),
     heatmaps: bool = typer.Option(False, "--heatmaps", help="Also render attention heat maps as PNG."),
+    head: Optional[str] = typer.Option(None, "--head", help="classifier | memory (default: the model's primary "
+                                                            "head; an untrained head is refused)."),
 ) -> None:
-    """Histology-only inference: predictions.csv plus per-slide attention (h5 and GeoJSON)."""
+    """Histology-only inference: predictions.csv (calibrated probability, label, raw score) plus per-slide
+    attention (h5 and GeoJSON)."""
     from .predict import predict_paths
 
+    if head not in (None, "classifier", "memory"):
+        _fail(MomkdError(f"--head: {head!r} is not a head; use classifier or memory (or leave it out)"))
     try:
-        report = predict_paths(model, features, out, heatmaps=heatmaps)
+        report = predict_paths(model, features, out, heatmaps=heatmaps, head=head)
     except MomkdError as exc:
         _fail(exc)
     for path, reason in report.failed:
         typer.secho(f"failed: {path}: {reason}", err=True, fg=typer.colors.RED)
-    typer.echo(f"{len(report.ok)} slide(s) predicted, {len(report.failed)} failed; wrote {out}")
+    for note in report.notes:
+        typer.secho(f"note: {note}", err=True)
+    cal = "calibrated probability" if report.calibration is not None else "no calibration stored"
+    typer.echo(f"{len(report.ok)} slide(s) predicted with the {report.head} head ({cal}), {len(report.failed)} "
+               f"failed; wrote {out / 'predictions.csv'}")
     if report.failed:
         raise typer.Exit(code=1)
 

@@ -1,12 +1,25 @@
 """Histology-only inference with a trained checkpoint, and attention export for heat maps (h5 + QuPath GeoJSON).
 
-For each feature file: P(y=1) from the classifier head, the head-free memory score delta(F_wsi), the predicted
-label at the checkpoint's validation-chosen threshold, and the per-patch attention row-aligned with ``coords``.
-A slide that cannot be read is reported and skipped; the others complete.
+The model answers with one head (:mod:`momkd_fed.heads`): the checkpoint's primary head, or ``head`` if given.
+It never answers with an untrained head: the federated global model's classifier, site-private under the default
+sharing, is refused with a one-line error naming the fix. For each feature file: the head's raw score, its
+calibrated probability and the predicted label at the threshold chosen on validation (both stored in the
+checkpoint, :mod:`momkd_fed.calibration`), and the per-patch attention row-aligned with ``coords``. A slide that
+cannot be read is reported and skipped; the others complete.
 
 Outputs in ``out_dir``:
 
-- ``predictions.csv``: ``slide_id, probability, memory_score, label_pred`` (memory_score empty for ABMIL)
+- ``predictions.csv``, one row per slide (:data:`CSV_COLUMNS`):
+
+  - ``slide_id``: the feature file's name without ``.h5``;
+  - ``head``: the head that scored it, ``classifier`` or ``memory``;
+  - ``probability``: calibrated P(y=1), Platt-scaled on validation slides the model never trained on; a strictly
+    increasing function of ``raw_score`` (same ranking, same AUC); empty when the checkpoint holds no calibration
+    of that head (written by an older momkd-fed, or validation held one class: a note says so);
+  - ``label_pred``: 1 if ``raw_score >= threshold`` (the same decision as the probability reaching the
+    calibrated threshold), the threshold chosen on validation by ``calibration.threshold``;
+  - ``raw_score``: the head's uncalibrated output, softmax P(y=1) of the classifier or the memory score
+    delta(F_wsi) in [-2, 2] (no probability scale);
 - ``attention/<slide_id>.h5``: ``attention_scores`` (P,) float32, ``coords`` (P, 2) int64, attribute
   ``patch_size_level0`` (CLAM heat-map layout)
 - ``attention/<slide_id>.geojson``: QuPath FeatureCollection, one square tile per patch with measurement
@@ -27,14 +40,16 @@ import h5py
 import numpy as np
 import torch
 
+from .calibration import DEFAULT_THRESHOLD, Calibration
 from .checkpoint import load_model
 from .data.cache import parse_slide
-from .errors import DataError, MomkdError
+from .errors import CheckpointError, DataError, MomkdError
+from .heads import choose_head
 from .report.heatmap import render_heatmap
 
 log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("slide_id", "probability", "memory_score", "label_pred")
+CSV_COLUMNS = ("slide_id", "head", "probability", "label_pred", "raw_score")
 
 
 @dataclass
@@ -46,11 +61,15 @@ class PredictReport:
     ok : list of dict, one per scored slide (the ``predictions.csv`` row plus ``path`` and ``num_patches``)
     failed : list of (path, reason), slides skipped
     notes : list of str, things the user should know (e.g. a GeoJSON not written)
+    head : str, the head that scored the slides
+    calibration : Calibration or None, its calibrated probability and threshold (None: none stored)
     """
 
     ok: list[dict] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    head: str = ""
+    calibration: Calibration | None = None
 
 
 def feature_files(features: str | Path) -> list[Path]:
@@ -117,29 +136,45 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "memory_score": "" if r["memory_score"] is None else r["memory_score"]})
+            w.writerow({**r, "probability": "" if r["probability"] is None else repr(r["probability"]),
+                        "raw_score": repr(r["raw_score"])})
     os.replace(tmp, path)
 
 
-def _threshold(meta: dict) -> float:
+def _calibration(meta: dict, head: str, path: str | Path) -> Calibration | None:
+    stored = (meta.get("calibration") or {}).get(head)
+    if stored is None:
+        return None
+    try:
+        return Calibration.from_dict(stored)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the stored calibration of the {head} head is unreadable ({exc})") from exc
+
+
+def _threshold(meta: dict, head: str, cal: Calibration | None) -> float:
+    """The validation-chosen threshold on the head's raw score: the calibration's, else the stored one."""
+    if cal is not None:
+        return float(cal.threshold)
     thr = meta.get("threshold")
     if isinstance(thr, dict):
-        thr = thr.get("classifier")
-    return 0.5 if thr is None or not math.isfinite(float(thr)) else float(thr)
+        thr = thr.get(head)
+    return DEFAULT_THRESHOLD[head] if thr is None or not math.isfinite(float(thr)) else float(thr)
 
 
 @torch.no_grad()
 def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | Path, *, heatmaps: bool = False,
-                  device: str | None = None) -> PredictReport:
+                  device: str | None = None, head: str | None = None) -> PredictReport:
     """Score one feature file or a folder of them with a checkpoint, histology-only.
 
     Parameters
     ----------
-    model_path : a checkpoint written by ``train`` or the federation (``model.pt``, ``global_model.pt``).
+    model_path : a checkpoint: ``model.pt`` (train), ``best_model.pt`` / ``global_model.pt`` (federation), a
+        site's ``personal_model.pt``.
     features : one TRIDENT/CLAM .h5 file, or a folder searched recursively for .h5 files.
     out_dir : where ``predictions.csv`` and ``attention/`` are written (created).
     heatmaps : also render each slide's attention over its patch grid as ``heatmaps/<slide_id>.png``.
     device : "cpu" or "cuda"; None = CUDA when available.
+    head : "classifier" or "memory"; None = the checkpoint's primary head. An untrained head is refused.
 
     Returns
     -------
@@ -148,17 +183,23 @@ def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | P
     Raises
     ------
     CheckpointError, DataError
-        Unreadable checkpoint; missing features path or a folder without .h5 files.
+        Unreadable checkpoint, a head the model lacks or did not train (one line naming the fix); missing
+        features path or a folder without .h5 files.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, meta = load_model(model_path, map_location=dev)
-    threshold = _threshold(meta)
+    head = choose_head(meta, cfg, head, model_path)
+    cal = _calibration(meta, head, model_path)
+    threshold = _threshold(meta, head, cal)
     feature_dim = int(meta["feature_dim"])
     files = feature_files(features)
     out_dir = Path(out_dir)
     att_dir = out_dir / "attention"
     att_dir.mkdir(parents=True, exist_ok=True)
-    report = PredictReport()
+    report = PredictReport(head=head, calibration=cal)
+    if cal is None:
+        report.notes.append(f"{model_path}: no calibration of the {head} head is stored; the probability column "
+                            f"is left empty and label_pred uses the stored threshold {threshold:.4g}")
     seen: dict[str, Path] = {}
     for path in files:
         slide_id = path.stem
@@ -184,8 +225,9 @@ def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | P
         except torch.OutOfMemoryError as exc:
             report.failed.append((str(path), f"out of memory with {num_patches} patches: {exc}"))
             continue
-        prob = float(torch.softmax(out.logits.float(), dim=-1)[1])
-        mem = None if out.memory_score is None else float(out.memory_score)
+        raw = float(torch.softmax(out.logits.float(), dim=-1)[1]) if head == "classifier" \
+            else float(out.memory_score)
+        prob = None if cal is None else float(cal.probability([raw])[0])
         attention = out.attention.float().cpu().numpy()  # (P,)
         write_attention_h5(att_dir / f"{slide_id}.h5", attention, coords, sf.patch_size_level0)
         ps = sf.patch_size_level0 or infer_patch_size(coords)
@@ -195,9 +237,10 @@ def predict_paths(model_path: str | Path, features: str | Path, out_dir: str | P
             report.notes.append(f"{path}: patch size unknown and not inferable from one patch; no GeoJSON")
         if heatmaps:
             render_heatmap(coords, attention, max(ps, 1), out_dir / "heatmaps" / f"{slide_id}.png", title=slide_id)
-        report.ok.append({"slide_id": slide_id, "probability": prob, "memory_score": mem,
-                          "label_pred": int(prob >= threshold), "path": str(path),
-                          "num_patches": num_patches})
+        report.ok.append({"slide_id": slide_id, "head": head, "probability": prob, "label_pred": int(raw >= threshold),
+                          "raw_score": raw, "path": str(path), "num_patches": num_patches})
     _write_csv(out_dir / "predictions.csv", report.ok)
-    log.info("predict: %d slides scored, %d skipped -> %s", len(report.ok), len(report.failed), out_dir)
+    log.info("predict: %d slides scored with the %s head of %s (%s), %d skipped -> %s", len(report.ok), head,
+             model_path, "calibrated: " + cal.source if cal else "no calibration stored", len(report.failed),
+             out_dir)
     return report

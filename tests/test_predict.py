@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from momkd_fed.calibration import Calibration, calibrate_points
 from momkd_fed.checkpoint import save_checkpoint
 from momkd_fed.config import config_from_dict
 from momkd_fed.data.h5 import write_clam_h5, write_trident_h5
@@ -20,17 +21,38 @@ from momkd_fed.predict import infer_patch_size, predict_paths
 D = 10
 
 
-def _checkpoint(tmp_path, name="momkd", threshold=0.5):
-    cfg = config_from_dict({
+def _cfg(name="momkd", shared=None):
+    fed = {} if shared is None else {"federation": {"shared": shared}}
+    return config_from_dict({
         "data": {"feature_dim": D, "knn_k": 8},
         "model": {"name": name, "hidden_dim": 8, "heads": 2, "shared_dim": 4, "cls_hidden": 4, "abmil_hidden": 4},
         "memory": {"slots": 3},
         "train": {"device": "cpu"},
+        **fed,
     })
+
+
+def _calibration(head, threshold):
+    """A calibration whose decision threshold is ``threshold`` (fitted on made-up validation scores)."""
+    y = np.r_[np.zeros(10), np.ones(10)]
+    raw = np.r_[np.linspace(0.05, 0.6, 10), np.linspace(0.4, 0.95, 10)]
+    if head == "memory":
+        raw = 4 * raw - 2
+    cal = calibrate_points(head, y, raw)
+    cal.threshold = threshold
+    cal.probability_threshold = float(cal.probability([threshold])[0])
+    return cal.to_dict()
+
+
+def _checkpoint(tmp_path, name="momkd", threshold=0.5, extra=None, file="model.pt"):
+    cfg = _cfg(name)
     seed_everything(0)
     model = build_model(cfg, D, 0)
-    return save_checkpoint(tmp_path / "model.pt", model, cfg, feature_dim=D, n_genes=0,
-                           extra={"threshold": {"classifier": threshold, "memory": 0.0}})
+    heads = {"classifier": "trained", **({"memory": "trained"} if name == "momkd" else {})}
+    extra = extra if extra is not None else {
+        "threshold": {"classifier": threshold, "memory": 0.0}, "heads": heads, "primary_head": "classifier",
+        "calibration": {h: _calibration(h, threshold if h == "classifier" else 0.0) for h in heads}}
+    return save_checkpoint(tmp_path / file, model, cfg, feature_dim=D, n_genes=0, extra=extra)
 
 
 def _slides(folder, n=3, rng=None):
@@ -62,12 +84,13 @@ def test_predict_folder_with_a_corrupt_file(tmp_path, name):
     assert "HDF5" in failed["broken.h5"] and "dim" in failed["wrongdim.h5"]
     assert sorted(r["slide_id"] for r in report.ok) == sorted(sizes)
     rows = list(csv.DictReader(open(out / "predictions.csv")))
-    assert [list(r) for r in rows][0] == ["slide_id", "probability", "memory_score", "label_pred"]
+    assert [list(r) for r in rows][0] == ["slide_id", "head", "probability", "label_pred", "raw_score"]
     assert {r["slide_id"] for r in rows} == set(sizes)
+    cal = Calibration.from_dict(_calibration("classifier", 0.5))
     for r in rows:
-        prob = float(r["probability"])
-        assert 0 < prob < 1 and int(r["label_pred"]) == int(prob >= 0.5)
-        assert (r["memory_score"] == "") == (name == "abmil")
+        prob, raw = float(r["probability"]), float(r["raw_score"])
+        assert r["head"] == "classifier" and 0 < raw < 1 and int(r["label_pred"]) == int(raw >= 0.5)
+        assert prob == pytest.approx(float(cal.probability([raw])[0]), abs=1e-12)
         with h5py.File(out / "attention" / f"{r['slide_id']}.h5") as f:
             a, c = f["attention_scores"][()], f["coords"][()]
             assert a.dtype == np.float32 and a.shape == (sizes[r["slide_id"]],) and c.shape == (len(a), 2)
@@ -98,7 +121,7 @@ def test_empty_slide_is_reported(tmp_path):
     write_trident_h5(tmp_path / "f" / "empty.h5", np.zeros((0, D)), np.zeros((0, 2)))
     report = predict_paths(ckpt, tmp_path / "f", tmp_path / "out")
     assert not report.ok and "empty" in report.failed[0][1]
-    assert (tmp_path / "out" / "predictions.csv").read_text().strip() == "slide_id,probability,memory_score,label_pred"
+    assert (tmp_path / "out" / "predictions.csv").read_text().strip() == "slide_id,head,probability,label_pred,raw_score"
 
 
 def test_bad_paths_raise(tmp_path):
@@ -115,3 +138,58 @@ def test_bad_paths_raise(tmp_path):
 def test_infer_patch_size():
     assert infer_patch_size(np.array([[0, 0], [448, 0], [896, 448]])) == 448
     assert infer_patch_size(np.array([[10, 20]])) == 0
+
+
+def test_memory_head_and_an_untrained_classifier_is_never_used(tmp_path):
+    """A federated global model with a site-private classifier: predict answers with the calibrated memory head
+    and refuses the classifier with one line naming the head and the fix."""
+    _slides(tmp_path / "f", n=3)
+    extra = {"kind": "federated-best", "heads": {"classifier": "untrained", "memory": "trained"},
+             "primary_head": "memory", "calibration": {"memory": _calibration("memory", 0.1)},
+             "threshold": {"classifier": 0.5, "memory": 0.0}}
+    ckpt = _checkpoint(tmp_path, extra=extra, file="best_model.pt")
+    report = predict_paths(ckpt, tmp_path / "f", tmp_path / "out")
+    assert report.head == "memory" and len(report.ok) == 3
+    cal = Calibration.from_dict(extra["calibration"]["memory"])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    for r in rows:
+        raw = float(r["raw_score"])
+        assert r["head"] == "memory" and -2 <= raw <= 2 and int(r["label_pred"]) == int(raw >= 0.1)
+        assert float(r["probability"]) == pytest.approx(float(cal.probability([raw])[0]), abs=1e-12)
+    with pytest.raises(CheckpointError, match=r"best_model.pt: the classifier head of this model is untrained.*"
+                                              r"fix: --head memory.*personal_model.pt") as err:
+        predict_paths(ckpt, tmp_path / "f", tmp_path / "out2", head="classifier")
+    assert "\n" not in str(err.value) and not (tmp_path / "out2").exists()
+    # a file written before heads were recorded: a federated kind with the default sharing is inferred the same
+    legacy = _checkpoint(tmp_path, extra={"kind": "federated-global"}, file="global_model.pt")
+    with pytest.raises(CheckpointError, match="classifier head of this model is untrained"):
+        predict_paths(legacy, tmp_path / "f", tmp_path / "out3", head="classifier")
+    rep = predict_paths(legacy, tmp_path / "f", tmp_path / "out3")  # memory head, no calibration: said, not faked
+    assert rep.head == "memory" and rep.calibration is None and "no calibration" in rep.notes[0]
+    assert all(r["probability"] == "" for r in csv.DictReader(open(tmp_path / "out3" / "predictions.csv")))
+    # ABMIL has no memory head; a model without any trained head cannot predict
+    abmil = _checkpoint(tmp_path, name="abmil", file="abmil.pt")
+    with pytest.raises(CheckpointError, match="has no memory head"):
+        predict_paths(abmil, tmp_path / "f", tmp_path / "out4", head="memory")
+    none = _checkpoint(tmp_path, name="abmil", extra={"heads": {"classifier": "untrained"}}, file="none.pt")
+    with pytest.raises(CheckpointError, match="no head of this model was trained"):
+        predict_paths(none, tmp_path / "f", tmp_path / "out5")
+
+
+def test_cli_refuses_an_untrained_head_with_one_line_and_a_non_zero_exit(tmp_path):
+    from typer.testing import CliRunner
+
+    from momkd_fed.cli import app
+
+    _slides(tmp_path / "f", n=1)
+    extra = {"kind": "federated-best", "heads": {"classifier": "untrained", "memory": "trained"},
+             "primary_head": "memory", "calibration": {"memory": _calibration("memory", 0.0)}}
+    ckpt = _checkpoint(tmp_path, extra=extra, file="best_model.pt")
+    res = CliRunner().invoke(app, ["predict", "--model", str(ckpt), "--features", str(tmp_path / "f"), "--out",
+                                   str(tmp_path / "o"), "--head", "classifier"])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "classifier head of this model is untrained" in lines[0] and "--head memory" in lines[0]
+    res = CliRunner().invoke(app, ["predict", "--model", str(ckpt), "--features", str(tmp_path / "f"), "--out",
+                                   str(tmp_path / "o")])
+    assert res.exit_code == 0 and "with the memory head (calibrated probability)" in res.output
