@@ -5,7 +5,9 @@ Handlers (message types):
 - ``train``: local training (:func:`client.local_round.train_round`); reply ``"arrays"`` (shared weights),
   ``"memory"`` (memory aggregates), ``"metrics"`` (contract train metrics), ``"site"``.
 - ``evaluate``: histology-only test metrics of the global model (``"metrics"``) and of the personalised model
-  (``"metrics-personal"``). Only aggregate metrics leave the site, never per-slide outputs. The message's global
+  (``"metrics-personal"``), and the global model's validation histograms (``"calibration"``, under the minimum
+  count). Only aggregate metrics and those histograms leave the site, never per-slide outputs; the site's
+  ``personal_model.pt`` stays in its state folder. The message's global
   weights and memory are cached: the next train message refers to them instead of carrying them again (a site
   without the cache replies ``"cache-miss"``, and the server resends in full).
 - ``query.omics_moments``: genomic sums / sums of squares / count over the training cases.
@@ -111,9 +113,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     g = _global(msg)
     sdir = _state_dir(rt, context, msg)
     save_global_cache(sdir, g.round, g.shared, g.slots)  # the next train message refers to it
-    glob, pers = evaluate_round(rt, g, sdir)
+    glob, pers, calibration = evaluate_round(rt, g, sdir)
     content = RecordDict({contract.METRICS_RECORD: R.metrics_record(glob),
-                          R.PERSONAL_METRICS_RECORD: R.metrics_record(pers), R.SITE_RECORD: _site(rt)})
+                          R.PERSONAL_METRICS_RECORD: R.metrics_record(pers),
+                          contract.CALIBRATION_RECORD: R.to_record(calibration), R.SITE_RECORD: _site(rt)})
     return Message(content, reply_to=msg)
 
 

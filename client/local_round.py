@@ -4,7 +4,9 @@
   trained shared weights, memory aggregates, metrics; the new private state is saved on the site.
 - :func:`evaluate_round`: histology-only test metrics of the *global* model (shared weights + global memory,
   private parts at their seeded initial values; its classifier counts only where the head is shared) and of the
-  *personalised* model (the same plus this site's private head and temperature).
+  *personalised* model (the same plus this site's private head and temperature); the global model's validation
+  histograms for the federated calibration (``momkd_fed.calibration.site_histograms``, under the minimum
+  count); the site's ``personal_model.pt`` for the round it judges best on its own validation split.
 - :func:`kmeans_points`: the patch projections the federated k-means initialisation clusters.
 - :func:`audit_reply`: one line of the site's privacy audit log for a query reply (k-means, genomic moments).
 
@@ -15,7 +17,8 @@ trained slots through ``withhold_small_usage`` (gradient mode); the minimum coun
 (``federation.min_slot_count`` slides, ``privacy.min_slot_embeddings`` embeddings) apply always. The site's
 accountant is saved in its state folder before the reply leaves; with ``privacy.update_clip_norm`` the shared
 weights are sent with their update clipped; with ``privacy.audit`` every reply is described (shapes, norms,
-withheld slots, epsilon -- never values) in the local audit log.
+withheld slots, epsilon -- never values) in the local audit log; so is every evaluate reply (its metrics and the
+shapes and norms of the calibration histograms, which no epsilon covers).
 """
 
 from __future__ import annotations
@@ -29,20 +32,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from momkd_fed.calibration import DEFAULT_THRESHOLD, calibrate_heads, site_histograms
+from momkd_fed.checkpoint import save_checkpoint
 from momkd_fed.config import Config
 from momkd_fed.data.bag import Bag
 from momkd_fed.engine import evaluate, make_optimizer, train_epoch
 from momkd_fed.federation import contract
 from momkd_fed.federation.memory_merge import SlotUsage
-from momkd_fed.federation.sharing import (classifier_shared, histology_only_part, overlay_state,
-                                          partition_state)
+from momkd_fed.federation.selection import BestRound
+from momkd_fed.federation.sharing import histology_only_part, overlay_state, partition_state
+from momkd_fed.heads import TRAINED, global_model_heads, model_heads, primary_head
 from momkd_fed.metrics import roc_auc
 from momkd_fed.privacy import (AuditLog, PrivacyAccountant, SlotAccumulator, assign_slots, audit_record,
                                check_privacy, clip_shared_weights, dp_covers, memory_dp, memory_release,
                                withhold_small_usage)
 
 from .site_runtime import SiteRuntime, site_seed
-from .site_state import ACCOUNTANT_FILE, SiteState, load_site_state, save_site_state
+from .site_state import (ACCOUNTANT_FILE, PERSONAL_MODEL_FILE, SiteState, load_personal_rounds, load_site_state,
+                         save_personal_rounds, save_site_state)
 
 log = logging.getLogger(__name__)
 
@@ -211,30 +218,85 @@ def audit_reply(rt: SiteRuntime, state_dir: Path, round_: int, kind: str, record
         AuditLog.in_folder(state_dir).append(audit_record(round_, rt.name, kind, records, covers=[]))
 
 
-def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> tuple[dict[str, float], dict[str, float]]:
-    """Histology-only test and validation metrics of the global and of the personalised model.
+def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path
+                   ) -> tuple[dict[str, float], dict[str, float], dict[str, np.ndarray]]:
+    """Histology-only test and validation metrics of the global and of the personalised model, the global model's
+    validation histograms for the federated calibration, and this site's personal model.
+
+    The site keeps the personalised model of the round it judges best on its own validation split (classifier
+    AUC, ``federation.selection.BestRound``) as ``personal_model.pt`` in its state folder, calibrated on that
+    split; only its round and AUCs are reported. With ``privacy.audit`` the reply is described in the audit log.
 
     Returns
     -------
-    global_metrics, personal_metrics : dict
-        Each exactly :data:`contract.EVALUATE_METRIC_KEYS`. The global model's classifier AUCs and loss are NaN
-        unless ``classifier.`` is shared (its head would be the untrained initial one). The server picks the
+    global_metrics : dict
+        Exactly :data:`contract.EVALUATE_METRIC_KEYS`. The global model's classifier AUCs and loss are NaN unless
+        ``classifier.`` is shared (its head would be the untrained initial one). The server picks the
         federation's best round from the global validation AUCs.
+    personal_metrics : dict
+        Exactly :data:`contract.PERSONAL_METRIC_KEYS`.
+    calibration : dict[str, ndarray]
+        Head -> (2, B) class-conditional validation counts of each head the global model trained
+        (:data:`contract.CALIBRATION_RECORD`; runs merged under ``federation.min_slot_count``).
     """
     cfg = rt.cfg
     splits = {"test": rt.normalised("test", None, None), "val": rt.normalised("val", None, None)}
-    head_shared = classifier_shared(cfg.federation.shared)
+    global_heads = [h for h, s in global_model_heads(cfg).items() if s == TRAINED]
     saved = load_site_state(state_dir, g.round, inclusive=True)
-    out = []
-    for model, head in ((_assemble(rt, g, None), head_shared), (_assemble(rt, g, saved.private if saved else None),
-                                                                True)):
+    models = {"global": _assemble(rt, g, None), "personal": _assemble(rt, g, saved.private if saved else None)}
+    preds, metrics = {}, {}
+    for which, model in models.items():
+        head = which == "personal" or "classifier" in global_heads
         test, val = (evaluate(model, splits[s], rt.device, cfg.train.precision) for s in ("test", "val"))
-        out.append(contract.evaluate_metrics(
+        preds[which] = (test, val)
+        metrics[which] = contract.evaluate_metrics(
             num_examples=len(splits["test"]), test_auc=_auc(test.labels, test.probs) if head else math.nan,
             test_auc_memory=_auc(test.labels, test.memory_scores), test_loss=test.loss if head else math.nan,
             val_slides=len(splits["val"]), val_auc=_auc(val.labels, val.probs) if head else math.nan,
-            val_auc_memory=_auc(val.labels, val.memory_scores)))
-    return out[0], out[1]
+            val_auc_memory=_auc(val.labels, val.memory_scores))
+    val = preds["global"][1]
+    releases = site_histograms(cfg, val.labels, {h: val.scores(h) for h in global_heads})
+    counts = {h: r.counts for h, r in releases.items()}
+    file_round, file_val, file_test = _personal_model(rt, g, state_dir, models["personal"], preds["personal"][1],
+                                                      metrics["personal"])
+    personal = contract.personal_metrics(metrics["personal"], file_round, file_val, file_test)
+    if cfg.privacy.audit:
+        AuditLog.in_folder(state_dir).append(audit_record(
+            g.round, rt.name, "evaluate", {contract.CALIBRATION_RECORD: counts}, covers=[],
+            extra={"metrics": metrics["global"], "metrics_personal": personal,
+                   "calibration": {h: r.as_dict() for h, r in releases.items()}}))
+    return metrics["global"], personal, counts
+
+
+def _personal_model(rt: SiteRuntime, g: GlobalModel, state_dir: Path, model: torch.nn.Module, val,
+                    metrics: dict[str, float]) -> tuple[int, float, float]:
+    """Record this round's personal validation / test AUC; if it is the site's best round so far, write
+    ``personal_model.pt`` (calibrated on the site's validation split). Returns the file's round, validation AUC
+    and test AUC (round 0 and NaN before any file exists)."""
+    cfg = rt.cfg
+    rounds = {r: v for r, v in load_personal_rounds(state_dir).items() if r < g.round}  # a re-run forgets later ones
+    rounds[g.round] = {"val_auc": metrics[contract.VAL_AUC], "test_auc": metrics[contract.TEST_AUC]}
+    best = BestRound()
+    for r in sorted(rounds):
+        best.offer(r, rounds[r]["val_auc"], contract.VAL_AUC)
+    path = state_dir / PERSONAL_MODEL_FILE
+    if best.round == g.round:
+        heads = model_heads(cfg)
+        cal = calibrate_heads(cfg, val.labels, {h: val.scores(h) for h in heads},
+                              f"validation split of site {rt.name} ({len(val.labels)} slides)")
+        save_checkpoint(path, model, cfg, feature_dim=cfg.data.feature_dim, n_genes=g.n_genes, extra={
+            "round": g.round, "kind": "personal", "site": rt.name, "heads": heads,
+            "primary_head": primary_head(heads), "calibration": {h: c.to_dict() for h, c in cal.items()},
+            "threshold": {h: (cal[h].threshold if h in cal else DEFAULT_THRESHOLD[h]) for h in heads},
+            "metrics": {"val_auc": metrics[contract.VAL_AUC], "test_auc": metrics[contract.TEST_AUC],
+                        "val_auc_memory": metrics[contract.VAL_AUC_MEMORY],
+                        "test_auc_memory": metrics[contract.TEST_AUC_MEMORY]}})
+        log.info("site %s: personal model of round %d (personal model, classifier: validation AUC %.3f) -> %s",
+                 rt.name, g.round, metrics[contract.VAL_AUC], path)
+    save_personal_rounds(state_dir, rounds)
+    if not path.is_file():
+        return 0, math.nan, math.nan
+    return best.round, rounds[best.round]["val_auc"], rounds[best.round]["test_auc"]
 
 
 def kmeans_points(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> dict[int, torch.Tensor]:

@@ -16,6 +16,13 @@ round's train message carries the very same tensors, so the server sends them on
 message with ``contract.CFG_CACHED_ROUND = r`` and no ``"arrays"`` / ``"memory"`` records means "the global model
 of round r's evaluate message" (:func:`load_global_cache`; a site without it says so and is sent them in full).
 
+It holds the site's personal model too: :data:`PERSONAL_MODEL_FILE`, the global encoders and memory of the round
+the site judges best on its own validation split with the site's own classifier and temperature, calibrated on
+that validation split (a regular momkd-fed checkpoint, loadable by ``momkd-fed predict``; it never leaves the
+site), and :data:`PERSONAL_ROUNDS_FILE`, the personal validation and test AUC of every round evaluated, from which
+the best round is chosen (``federation.selection.BestRound``; a resumed run re-evaluating round r forgets the
+rounds >= r first).
+
 The same folder holds the site's privacy files (``momkd_fed.privacy``): :data:`ACCOUNTANT_FILE`, the memory-DP
 budget spent in this run (saved before each train reply leaves; a re-run round is counted again, which only
 over-states the budget), and the audit log ``privacy_audit.jsonl`` (``privacy.audit.AUDIT_FILE``).
@@ -23,7 +30,9 @@ over-states the budget), and the audit log ``privacy_audit.jsonl`` (``privacy.au
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -31,11 +40,14 @@ from pathlib import Path
 
 import torch
 
+from momkd_fed.run_log import PERSONAL_MODEL_FILE  # noqa: F401  (the site's personal model, in its state folder)
+
 log = logging.getLogger(__name__)
 
 KEEP = 3  # newest round states kept on disk
 GLOBAL_CACHE_FILE = "global_cache.pt"  # the last evaluate message's global weights and memory (one, overwritten)
 ACCOUNTANT_FILE = "privacy_accountant.json"  # the site's PrivacyAccountant (memory DP), never pruned
+PERSONAL_ROUNDS_FILE = "personal_rounds.json"  # round -> the personal model's validation and test AUC
 _NAME = re.compile(r"^round_(\d{4,})\.pt$")
 
 
@@ -118,3 +130,25 @@ def load_global_cache(state_dir: str | Path, round_: int) -> tuple[dict[str, tor
     if int(raw.get("round", -1)) != int(round_):
         return None
     return dict(raw["shared"]), raw.get("slots")
+
+
+def load_personal_rounds(state_dir: str | Path) -> dict[int, dict[str, float]]:
+    """Round -> ``{"val_auc", "test_auc"}`` of the personal model, as :func:`save_personal_rounds` wrote it
+    ({} when absent; NaN was written as null)."""
+    path = Path(state_dir) / PERSONAL_ROUNDS_FILE
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {int(r): {k: math.nan if v is None else float(v) for k, v in d.items()} for r, d in raw.items()}
+
+
+def save_personal_rounds(state_dir: str | Path, rounds: dict[int, dict[str, float]]) -> Path:
+    """Write the personal rounds record atomically (NaN as null)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / PERSONAL_ROUNDS_FILE
+    tmp = state_dir / f".{path.name}.{os.getpid()}.tmp"
+    data = {str(r): {k: (v if math.isfinite(v) else None) for k, v in d.items()} for r, d in sorted(rounds.items())}
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -44,8 +44,12 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import Config
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +458,56 @@ def calibrate_counts(head: str, counts: np.ndarray, edges: np.ndarray, rule: str
         raise ValueError(f"counts of shape {c.shape} do not fit {e.size - 1} bins")
     centres = (e[1:] + e[:-1]) / 2.0  # (B,)
     return _fit(head, centres, c[1], c[0], rule, target_sensitivity, source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# with the run's settings (config: ``calibration.*``, ``federation.min_slot_count``, ``memory.slots``)
+
+
+def edges_for(cfg: "Config", head: str) -> np.ndarray:
+    """The fixed bin edges of ``head`` for this config (``calibration.bins``)."""
+    return bin_edges(head, cfg.calibration.bins, cfg.memory.slots, cfg.loss.align_t)
+
+
+def calibrate_heads(cfg: "Config", labels, raw_by_head: Mapping[str, np.ndarray | None],
+                    source: str) -> dict[str, Calibration]:
+    """``{head: Calibration}`` from local validation scores (a head without scores, or whose validation holds one
+    class, is left out; logged)."""
+    out = {}
+    for head, raw in raw_by_head.items():
+        if raw is None:
+            continue
+        cal = calibrate_points(head, labels, raw, cfg.calibration.threshold, cfg.calibration.target_sensitivity,
+                               source)
+        if cal is not None:
+            out[head] = cal
+    return out
+
+
+def site_histograms(cfg: "Config", labels, raw_by_head: Mapping[str, np.ndarray | None]
+                    ) -> dict[str, HistogramRelease]:
+    """What a site releases for the federated calibration: per head, the class-conditional histogram of its
+    validation raw scores on :func:`edges_for`, small runs merged under ``federation.min_slot_count``."""
+    return {head: coarsen_histogram(class_histogram(labels, raw, edges_for(cfg, head)),
+                                    cfg.federation.min_slot_count)
+            for head, raw in raw_by_head.items() if raw is not None}
+
+
+def calibrate_pooled(cfg: "Config", site_counts: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Calibration]:
+    """The server's fit: per head, pool the sites' histograms (site -> head -> (2, B)) and calibrate on them
+    (a head no site sent, or whose pooled counts hold one class, is left out; logged)."""
+    out = {}
+    heads = sorted({h for counts in site_counts.values() for h in counts})
+    for head in heads:
+        sites = sorted(s for s, counts in site_counts.items() if head in counts)
+        pooled = pool_histograms(site_counts[s][head] for s in sites)
+        cal = calibrate_counts(head, pooled, edges_for(cfg, head), cfg.calibration.threshold,
+                               cfg.calibration.target_sensitivity,
+                               source=f"pooled validation histograms of {len(sites)} sites ({', '.join(sites)}; "
+                                      f"{cfg.calibration.bins} bins, min count {cfg.federation.min_slot_count})")
+        if cal is not None:
+            out[head] = cal
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -122,8 +122,13 @@ def train(
         result = run_training(cfg, out, site=site, pooled=pooled)
     except MomkdError as exc:
         _fail(exc)
+    from .heads import model_label
+
     heads = {name: m["auc"] for name, m in result["test"].items() if isinstance(m, dict) and "auc" in m}
-    typer.echo("test AUC " + ", ".join(f"{auc:.3f} ({name})" for name, auc in heads.items()) + f"; wrote {out}")
+    primary = result.get("primary_head")
+    typer.echo(f"{out / 'model.pt'}: test AUC " + ", ".join(
+        f"{auc:.3f} ({model_label('model.pt', name)}{', primary' if name == primary else ''})"
+        for name, auc in heads.items()))
 
 
 @app.command()

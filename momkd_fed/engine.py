@@ -189,6 +189,12 @@ class Predictions:
     attention: list[np.ndarray] | None = None
     loss: float = math.nan
 
+    def scores(self, head: str) -> np.ndarray | None:
+        """(N,) raw scores of ``head``: ``probs`` for "classifier", ``memory_scores`` for "memory"."""
+        if head not in ("classifier", "memory"):
+            raise ValueError(f"head must be 'classifier' or 'memory', got {head!r}")
+        return self.probs if head == "classifier" else self.memory_scores
+
     def metrics(self, prob_threshold: float = 0.5, memory_threshold: float = 0.0) -> dict:
         """``{"classifier": binary_metrics, "memory": binary_metrics or None}``."""
         out = {"classifier": binary_metrics(self.labels, self.probs, prob_threshold), "memory": None}

@@ -9,6 +9,9 @@ Layout of a run folder (simulate and server)::
     global_model.pt      the final global model (last round), loadable by ``momkd-fed predict``
     best_model.pt        the global model of the round with the best pooled validation AUC (``summary.json``
                          ``"best"``): the one to use, as a centralised run's ``model.pt`` is its best epoch
+                         (memory head, calibrated on the sites' pooled validation histograms, unless the
+                         classifier is shared); each site also keeps its own ``personal_model.pt`` in its state
+                         folder (``client/site_state.py``; simulate: ``site_state/<site>/<run key>/``)
     predictions/         test_<site>.csv per-slide test scores, written only where the data is local
                          (simulate, train); a real federation never moves per-slide outputs
 
@@ -32,6 +35,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 GLOBAL_MODEL_FILE = "global_model.pt"
 BEST_MODEL_FILE = "best_model.pt"
+PERSONAL_MODEL_FILE = "personal_model.pt"  # a site's personal model, in the site's own state folder (never sent)
 CHECKPOINT_DIR = "checkpoints"
 PREDICTIONS_DIR = "predictions"
 PREDICTION_COLUMNS = ("slide_id", "label", "probability", "memory_score")

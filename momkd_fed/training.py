@@ -2,14 +2,17 @@
 
 ``run_training`` loads the site(s), z-scores genomics with statistics from TRAINING paired cases only, builds
 the model, initialises its memory by k-means, fits with early stopping on validation AUC, evaluates
-histology-only on validation and test (classifier head and memory-score head; thresholds chosen on
-validation), and writes a self-describing run folder:
+histology-only on validation and test (classifier head and memory-score head), calibrates each head on the
+validation split (Platt map and decision threshold, :mod:`momkd_fed.calibration`), and writes a self-describing
+run folder:
 
 - ``config.yaml``: the resolved config
 - ``epochs.jsonl``: one JSON object per epoch
-- ``metrics.json``: test and validation metrics of both heads, per-site test metrics, thresholds, slide and
+- ``metrics.json``: test and validation metrics of both heads, per-site test metrics, thresholds, each head's
+  calibration and the expected calibration error of its raw and calibrated test probabilities, slide and
   exclusion counts, seconds
-- ``model.pt``: the checkpoint (loadable by :func:`momkd_fed.checkpoint.load_model` / ``predict``)
+- ``model.pt``: the checkpoint (loadable by :func:`momkd_fed.checkpoint.load_model` / ``predict``); every head
+  trained, the classifier primary (:mod:`momkd_fed.heads`), the calibrations stored
 
 Everything is written into a hidden staging folder first and moved into ``out_dir`` only when the run
 succeeded, so an interrupted run leaves no half-written files there.
@@ -28,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import DEFAULT_THRESHOLD, calibrate_heads, expected_calibration_error, raw_probability
 from .checkpoint import save_checkpoint
 from .config import Config, SiteConfig, dump_yaml
 from .data.bag import Bag, SiteData
@@ -36,7 +40,7 @@ from .data.site import load_site
 from .device import resolve_device, seed_everything, set_threads
 from .engine import Predictions, evaluate, fit, init_memory_from_bags
 from .errors import ConfigError, DataError
-from .metrics import choose_threshold
+from .heads import model_heads, primary_head
 from .model import build_model
 from .run_log import PREDICTIONS_DIR, json_safe, write_predictions_csv
 
@@ -132,6 +136,18 @@ def _head_metrics(pred: Predictions, thr: dict[str, float]) -> dict:
     return pred.metrics(thr["classifier"], thr["memory"])
 
 
+def calibration_error(test: Predictions, calibration: dict) -> dict:
+    """``{head: {"raw": ECE, "calibrated": ECE}}`` on ``test``: the head's uncalibrated output read as a
+    probability (softmax P, sigmoid of delta) against its calibrated probability (10 equal-width bins)."""
+    out = {}
+    for head, cal in calibration.items():
+        raw = test.scores(head)
+        out[head] = {"raw": expected_calibration_error(test.labels, raw_probability(head, raw)),
+                     "calibrated": expected_calibration_error(test.labels, cal.probability(raw)),
+                     "bins": "10 equal-width probability bins"}
+    return out
+
+
 def _subset(pred: Predictions, keep: np.ndarray) -> Predictions:
     return Predictions(slide_ids=[s for s, k in zip(pred.slide_ids, keep) if k], labels=pred.labels[keep],
                        probs=pred.probs[keep],
@@ -189,11 +205,11 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
         t_fit = time.perf_counter()
 
         val = evaluate(model, split["val"], device, cfg.train.precision)
-        thr = {"classifier": 0.5, "memory": 0.0}
-        if len(val.labels):
-            thr["classifier"] = choose_threshold(val.labels, val.probs, default=0.5)
-            if val.memory_scores is not None:
-                thr["memory"] = choose_threshold(val.labels, val.memory_scores, default=0.0)
+        heads = model_heads(cfg)
+        where = f"{len(sites)} sites pooled" if len(sites) > 1 else f"site {sites[0].name}"
+        calibration = calibrate_heads(cfg, val.labels, {h: val.scores(h) for h in heads},
+                                      f"validation split ({len(val.labels)} slides, {where})")
+        thr = {h: (calibration[h].threshold if h in calibration else DEFAULT_THRESHOLD[h]) for h in DEFAULT_THRESHOLD}
         test = evaluate(model, split["test"], device, cfg.train.precision)
         test_sites = np.asarray([d.name for d in datas for _ in d.split("test")])  # (N_test,) same order
         for d in datas:  # per-slide test scores for ROC curves (the data is local here)
@@ -209,7 +225,12 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
             "test_per_site": ({name: _head_metrics(_subset(test, test_sites == name), thr)
                                for name in [sc.name for sc in sites]} if len(sites) > 1 else {}),
             "thresholds": thr,
-            "threshold_rule": "Youden's J on validation (classifier: P(y=1) >= t; memory: delta >= t)",
+            "threshold_rule": (f"{cfg.calibration.threshold} on validation (calibration.threshold; classifier: "
+                               "P(y=1) >= t; memory: delta >= t)"),
+            "heads": heads,
+            "primary_head": primary_head(heads),
+            "calibration": {h: c.to_dict() for h, c in calibration.items()},
+            "test_ece": calibration_error(test, calibration),
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
@@ -229,7 +250,8 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
         save_checkpoint(staging / "model.pt", model, cfg, feature_dim=cfg.data.feature_dim, n_genes=n_genes,
                         omics_norm=None if omics_norm is None else (torch.from_numpy(omics_norm[0]),
                                                                     torch.from_numpy(omics_norm[1])),
-                        extra={"epoch": result.best_epoch, "threshold": thr, "genes": genes,
+                        extra={"epoch": result.best_epoch, "threshold": thr, "genes": genes, "heads": heads,
+                               "primary_head": primary_head(heads), "calibration": metrics["calibration"],
                                "metrics": json_safe({"test": metrics["test"], "val": metrics["val"]}),
                                "sites": metrics["sites"], "kind": "train"})
         metrics["seconds"]["total"] = time.perf_counter() - t_start
@@ -245,6 +267,7 @@ def run_training(cfg: Config, out_dir: str | Path, *, site: str | None = None, p
         raise
     clf = metrics["test"]["classifier"]
     mem = metrics["test"]["memory"]
-    log.info("train: test AUC classifier %.3f, memory %s (%d test slides) in %.1f s", clf["auc"],
-             "n/a" if mem is None else f"{mem['auc']:.3f}", clf["n"], metrics["seconds"]["total"])
+    log.info("train: model.pt test AUC %.3f (classifier, primary head), %s (memory head) on %d test slides in "
+             "%.1f s", clf["auc"], "n/a" if mem is None else f"{mem['auc']:.3f}", clf["n"],
+             metrics["seconds"]["total"])
     return metrics

@@ -21,14 +21,16 @@ from pathlib import Path
 
 from flwr.serverapp import Grid
 
+from momkd_fed.calibration import calibrate_pooled
 from momkd_fed.config import Config, dump_yaml
 from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.selection import monitor_key, pooled_validation
 from momkd_fed.federation.sharing import partition_state, validate_sharing
+from momkd_fed.heads import global_model_heads, model_label, primary_head
 from momkd_fed.privacy import check_privacy
-from momkd_fed.run_log import (BEST_MODEL_FILE, CONFIG_FILE, append_round, read_rounds, slide_weighted_mean,
-                               truncate_rounds, write_json_atomic, SUMMARY_FILE)
+from momkd_fed.run_log import (BEST_MODEL_FILE, CONFIG_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, SUMMARY_FILE,
+                               append_round, read_rounds, slide_weighted_mean, truncate_rounds, write_json_atomic)
 
 from client.run_config import RunOptions
 from client.site_runtime import build_initial_model
@@ -57,9 +59,21 @@ def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds
         accountant=run_outputs.new_accountant(cfg))
 
 
-def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[str, dict], monitor: str) -> dict:
-    """One line of rounds.jsonl (``monitor``: the validation metric that selects the best round)."""
-    test_auc = {s: v["global"][contract.TEST_AUC_MEMORY] for s, v in info.evaluate.items()}
+def _test_key(monitor: str) -> str:
+    """The test AUC of the head the best round is picked by (the global model's primary head)."""
+    return contract.TEST_AUC if monitor == contract.VAL_AUC else contract.TEST_AUC_MEMORY
+
+
+def _head(monitor: str) -> str:
+    return "classifier" if monitor == contract.VAL_AUC else "memory"
+
+
+def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[str, dict], monitor: str,
+              calibration: dict | None = None) -> dict:
+    """One line of rounds.jsonl (``monitor``: the validation metric that selects the best round; ``test_auc`` is
+    the global model's AUC with that head, ``test_auc_personal`` the personalised model's classifier this round;
+    ``calibration``: the round's pooled calibration of each trained head)."""
+    test_auc = {s: v["global"][_test_key(monitor)] for s, v in info.evaluate.items()}
     personal = {s: v["personal"][contract.TEST_AUC] for s, v in info.evaluate.items()}
     weights = {s: v["global"][contract.NUM_EXAMPLES] for s, v in info.evaluate.items()}
     glob = {s: v["global"] for s, v in info.evaluate.items()}
@@ -68,7 +82,10 @@ def round_row(rnd: int, info: RoundInfo, seconds: dict[str, float], sites: dict[
         "seconds": seconds,
         "sampled": info.sampled,
         "test_auc": {"pooled": slide_weighted_mean(test_auc, weights), **test_auc},
+        "test_auc_model": model_label("global model", _head(monitor)),
         "test_auc_personal": {"pooled": slide_weighted_mean(personal, weights), **personal},
+        "test_auc_personal_model": model_label("personalised model", "classifier"),
+        "calibration": calibration or {},
         "val_auc": {"monitor": monitor, "pooled": pooled_validation(glob, monitor),
                     **{s: m[monitor] for s, m in glob.items()}},
         "train": info.train,
@@ -98,12 +115,46 @@ def _test_auc_by_head(row: dict) -> dict:
     return per_head
 
 
+def _personal_files(rows: list[dict]) -> dict[str, dict]:
+    """Site -> round, validation AUC, test AUC and test slides of its ``personal_model.pt``, from the latest
+    evaluate reply of each site (:data:`contract.PERSONAL_METRIC_KEYS`); sites that have written none are left out."""
+    out: dict[str, dict] = {}
+    for row in rows:
+        for site, ev in (row.get("evaluate") or {}).items():
+            p = ev.get("personal") or {}
+            if int(p.get(contract.PERSONAL_FILE_ROUND) or 0) > 0:
+                out[site] = {"round": int(p[contract.PERSONAL_FILE_ROUND]),
+                             "val_auc": p.get(contract.PERSONAL_FILE_VAL_AUC),
+                             "test_auc": p.get(contract.PERSONAL_FILE_TEST_AUC),
+                             "test_slides": p.get(contract.NUM_EXAMPLES)}
+    return dict(sorted(out.items()))
+
+
+def _auc_map(values: dict[str, float], weights: dict[str, float]) -> dict:
+    return {"pooled": slide_weighted_mean(values, weights), **values}
+
+
 def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds: float) -> dict:
-    """summary.json: the last round's evaluation (the final global model, ``test_auc*``) and the best round's
-    (``best``: the round with the best pooled validation AUC, whose model is ``best_model.pt``)."""
+    """summary.json: every AUC named by the model file and head it belongs to.
+
+    ``test_auc``: ``global_model.pt`` (the last round's global model) with its primary head; ``best``: the round
+    with the best pooled validation AUC, whose model is ``best_model.pt`` (the one to use); ``test_auc_personal``:
+    each site's ``personal_model.pt``, classifier; ``models``: the same per file, with its head, round(s) and
+    calibration. ``test_auc_by_head`` keeps every model and head of the last round (the global classifier is NaN
+    unless shared: untrained)."""
     rows = read_rounds(run_dir)
     per_head = _test_auc_by_head(rows[-1] if rows else {})
     best_row = next((r for r in rows if r["round"] == state.best.round), {})
+    heads = global_model_heads(cfg)
+    head = primary_head(heads) or "memory"
+    key = contract.TEST_AUC if head == "classifier" else contract.TEST_AUC_MEMORY
+    files = _personal_files(rows)
+    personal = _auc_map({s: f["test_auc"] for s, f in files.items()}, {s: f["test_slides"] for s, f in files.items()})
+    last_label = model_label(f"global model ({GLOBAL_MODEL_FILE}, round {state.round})", head)
+    best_label = model_label(f"global model ({BEST_MODEL_FILE}, round {state.best.round})", head)
+    personal_label = model_label(f"personal models ({PERSONAL_MODEL_FILE} at each site, its own best round)",
+                                 "classifier")
+    best_auc = _test_auc_by_head(best_row).get(f"global_{key}", {})
     return {
         "kind": "federated",
         "model": cfg.model.name,
@@ -111,14 +162,29 @@ def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds:
         "rounds_completed": state.round,
         "rounds_planned": cfg.federation.rounds,
         "sites": state.sites,
-        "test_auc": per_head[f"global_{contract.TEST_AUC_MEMORY}"],
-        "test_auc_model": "global model (shared encoders + global memory), memory score delta(F_wsi), "
-                          "histology-only, on each site's test split",
+        "heads": heads,
+        "primary_head": primary_head(heads),
+        "test_auc": per_head[f"global_{key}"],
+        "test_auc_model": f"{last_label}: histology-only, on each site's test split",
+        "test_auc_head": head,
         "test_auc_pooled_method": POOLED_METHOD,
-        "test_auc_personal": per_head[f"personal_{contract.TEST_AUC}"],
+        "test_auc_personal": personal,
+        "test_auc_personal_model": (f"{personal_label}: histology-only, each on its site's test split; pooled = "
+                                    "slide-weighted mean over sites"),
         "test_auc_by_head": per_head,
         "best": {"round": state.best.round, "monitor": state.best.monitor, "val_auc": state.best.score,
-                 "model_file": BEST_MODEL_FILE, "test_auc_by_head": _test_auc_by_head(best_row)},
+                 "model_file": BEST_MODEL_FILE, "head": head, "label": best_label,
+                 "test_auc_by_head": _test_auc_by_head(best_row)},
+        "models": {
+            BEST_MODEL_FILE: {"label": best_label, "head": head, "round": state.best.round, "test_auc": best_auc,
+                              "calibration": best_row.get("calibration", {})},
+            GLOBAL_MODEL_FILE: {"label": last_label, "head": head, "round": state.round,
+                                "test_auc": per_head[f"global_{key}"], "calibration": state.calibration},
+            PERSONAL_MODEL_FILE: {"label": personal_label, "head": "classifier",
+                                  "rounds": {s: f["round"] for s, f in files.items()},
+                                  "val_auc": {s: f["val_auc"] for s, f in files.items()}, "test_auc": personal,
+                                  "where": "each site's state folder (it never leaves the site)"},
+        },
         "bytes_sent": sum(sum(r.get("bytes_sent", {}).values()) for r in rows),
         "bytes_received": sum(sum(r.get("bytes_received", {}).values()) for r in rows),
         "dropouts": sum(len(r.get("dropouts", [])) for r in rows),
@@ -184,8 +250,10 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
                                         timeout=fed.round_timeout)
         strategy.aggregate_evaluate(rnd, replies)
         state.round = rnd
+        state.calibration = {h: c.to_dict() for h, c in calibrate_pooled(cfg, strategy.info.calibration).items()}
         t2 = time.perf_counter()
-        row = round_row(rnd, strategy.info, {"train": t1 - t0, "evaluate": t2 - t1}, state.sites, monitor)
+        row = round_row(rnd, strategy.info, {"train": t1 - t0, "evaluate": t2 - t1}, state.sites, monitor,
+                        state.calibration)
         took = state.best.offer(rnd, row["val_auc"]["pooled"], monitor)
         run_outputs.save_round(run_dir, cfg, state, metrics={"test_auc": row["test_auc"]})
         if took:  # after the round checkpoint, which records the choice: resume rewrites a missed best_model.pt
@@ -193,8 +261,9 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
                                                                       "val_auc": row["val_auc"]})
         row["seconds"]["total"] = time.perf_counter() - t0
         append_round(run_dir, row)
-        log.info("round %d/%d done in %.1f s: test AUC %s; pooled %s %.4f (best: round %d)", rnd, fed.rounds,
-                 row["seconds"]["total"], row["test_auc"], monitor, row["val_auc"]["pooled"], state.best.round)
+        log.info("round %d/%d done in %.1f s: test AUC (%s) %s; pooled %s %.4f (best: round %d)", rnd, fed.rounds,
+                 row["seconds"]["total"], row["test_auc_model"], row["test_auc"], monitor, row["val_auc"]["pooled"],
+                 state.best.round)
     result = summary(cfg, run_dir, state, time.perf_counter() - t_start)
     run_outputs.save_global_model(run_dir, cfg, state, metrics={"test_auc": result["test_auc"]})
     write_json_atomic(run_dir / SUMMARY_FILE, result)

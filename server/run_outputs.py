@@ -6,8 +6,11 @@ of the *global model* -- the seeded initial model with the global shared weights
 place (site-private parts at their initial values) -- plus, under ``extra``, everything the server needs to
 continue: the FedAvgM momentum, the genomic statistics, the run key, the round's metrics and the privacy budget
 spent so far (the server's update-DP accountant and each site's last reported memory epsilon) and the best round so
-far (``federation.selection.BestRound``). It is therefore
-both resumable and loadable by ``momkd-fed predict``.
+far (``federation.selection.BestRound``). Like every checkpoint it says which heads are trained
+(``heads.global_model_heads``: the memory head; the classifier only where ``federation.shared`` shares it), its
+``primary_head``, and the calibration of each trained head fitted on the round's pooled validation histograms
+(``calibration.calibrate_pooled``), which ``predict`` applies. It is therefore both resumable and loadable by
+``momkd-fed predict``; ``best_model.pt`` and ``global_model.pt`` carry the calibration of their own round.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from momkd_fed.calibration import DEFAULT_THRESHOLD
 from momkd_fed.checkpoint import read_checkpoint, save_checkpoint
 from momkd_fed.config import Config
 from momkd_fed.errors import CheckpointError
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.memory_merge import SLOTS_KEY
 from momkd_fed.federation.selection import BestRound
+from momkd_fed.heads import global_model_heads, primary_head
 from momkd_fed.privacy import PrivacyAccountant, update_dp
 from momkd_fed.run_log import BEST_MODEL_FILE, CHECKPOINT_DIR, GLOBAL_MODEL_FILE
 
@@ -67,6 +72,9 @@ class ServerState:
         Site -> its cumulated memory-DP epsilon as last reported (``privacy_epsilon`` train metric).
     best : BestRound
         The round with the best pooled validation AUC so far (its model is in ``best_model.pt``).
+    calibration : dict[str, dict]
+        Head -> ``Calibration.to_dict()`` of the global model of ``round``, fitted on that round's pooled
+        validation histograms ({} before round 1, or when no site sent usable counts).
     """
 
     round: int
@@ -81,6 +89,7 @@ class ServerState:
     accountant: PrivacyAccountant | None = None
     site_epsilon: dict[str, float] = field(default_factory=dict)
     best: BestRound = field(default_factory=BestRound)
+    calibration: dict[str, dict] = field(default_factory=dict)
 
 
 def new_accountant(cfg: Config) -> PrivacyAccountant | None:
@@ -102,6 +111,7 @@ def global_model(cfg: Config, state: ServerState) -> torch.nn.Module:
 
 
 def _save(path: Path, cfg: Config, state: ServerState, metrics: dict | None, kind: str) -> Path:
+    heads = global_model_heads(cfg)
     norm = None
     if state.omics_mean is not None and state.omics_std is not None:
         norm = (torch.from_numpy(state.omics_mean), torch.from_numpy(state.omics_std))
@@ -113,7 +123,9 @@ def _save(path: Path, cfg: Config, state: ServerState, metrics: dict | None, kin
                "privacy": {"update_accountant": state.accountant.state_dict() if state.accountant else None,
                            "site_epsilon": dict(state.site_epsilon)},
                "best_round": state.best.state_dict(),
-               "threshold": {"classifier": 0.5, "memory": 0.0}})
+               "heads": heads, "primary_head": primary_head(heads), "calibration": dict(state.calibration),
+               "threshold": {h: float(state.calibration[h]["threshold"]) if h in state.calibration
+                             else DEFAULT_THRESHOLD[h] for h in DEFAULT_THRESHOLD}})
 
 
 def save_round(run_dir: str | Path, cfg: Config, state: ServerState, metrics: dict | None = None) -> Path:
@@ -198,7 +210,8 @@ def load_latest(run_dir: str | Path, cfg: Config) -> ServerState | None:
         omics_std=None if norm is None else norm["std"].numpy(),
         run_key=str(extra["run_key"]), sites=dict(extra.get("sites") or {}), accountant=accountant,
         site_epsilon={str(k): float(v) for k, v in (privacy.get("site_epsilon") or {}).items()},
-        best=BestRound.from_state_dict(extra.get("best_round")))
+        best=BestRound.from_state_dict(extra.get("best_round")),
+        calibration=dict(ckpt.get("calibration") or {}))
 
 
 def clear_run_outputs(run_dir: str | Path) -> None:

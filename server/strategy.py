@@ -50,6 +50,7 @@ from momkd_fed.federation.aggregate import SharedUpdate
 from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
 from momkd_fed.federation.replies import SiteReply
 from momkd_fed.federation.sharing import histology_only_part, paired_only_keys
+from momkd_fed.heads import TRAINED, global_model_heads
 from momkd_fed.privacy import dp_covers, make_aggregator, memory_dp, update_dp, validate_replies
 
 from client import records as R
@@ -96,6 +97,7 @@ class RoundInfo:
     privacy: dict = field(default_factory=dict)  # epsilon, epsilon_by_site, delta, covers (module docstring)
     train_aggregate: dict = field(default_factory=dict)
     evaluate_aggregate: dict = field(default_factory=dict)
+    calibration: dict[str, dict] = field(default_factory=dict)  # site -> head -> (2, B) validation counts
     memory: dict = field(default_factory=dict)
     frozen_keys: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -128,6 +130,7 @@ class MomkdFedAvgM(FedAvgM):
         self.memory_mode = cfg.memory.update if self.has_memory else "frozen"
         self.memory_noised = self.memory_mode == "ema" and memory_dp(cfg)
         self.aggregator = make_aggregator(cfg)
+        self.calibrated_heads = [h for h, st in global_model_heads(cfg).items() if st == TRAINED]  # histograms sent
         self.cached: dict[str, int] = {}  # site -> round of the global model it cached (acknowledged evaluate)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -331,7 +334,9 @@ class MomkdFedAvgM(FedAvgM):
                 self.state.site_epsilon[r.site] = eps
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-site global and personalised test metrics; returns their slide-weighted means."""
+        """Per-site global and personalised test metrics and validation histograms (``info.calibration``, checked
+        by ``contract.check_calibration``; a reply failing a check is refused and logged); returns the metrics'
+        slide-weighted means."""
         good: dict[str, dict] = {}
         for msg in sorted(replies, key=self._site):
             site = self._site(msg)
@@ -344,11 +349,16 @@ class MomkdFedAvgM(FedAvgM):
             try:
                 glob = contract.check_metrics(dict(msg.content.metric_records[contract.METRICS_RECORD]), "evaluate")
                 pers = contract.check_metrics(dict(msg.content.metric_records[R.PERSONAL_METRICS_RECORD]),
-                                              "evaluate")
+                                              "personal")
+                cal = contract.check_calibration(
+                    R.from_record(msg.content.array_records[contract.CALIBRATION_RECORD]), self.calibrated_heads,
+                    self.cfg.calibration.bins, glob[contract.VAL_SLIDES])
             except (KeyError, TypeError, ValueError) as exc:
                 self.info.dropouts.append({"site": site, "phase": "evaluate", "reason": str(exc)})
+                log.warning("round %d: evaluate reply of %s refused: %s", server_round, site, exc)
                 continue
             good[site] = {"global": glob, "personal": pers}
+            self.info.calibration[site] = cal
             self.cached[site] = server_round  # it holds this round's global model: next train message refers to it
         self.info.evaluate = good
         if not good:
@@ -358,7 +368,7 @@ class MomkdFedAvgM(FedAvgM):
             agg = self.evaluate_metrics_aggr_fn(
                 [RecordDict({contract.METRICS_RECORD: MetricRecord(v[which])}) for v in good.values()],
                 self.weighted_by_key)
-            out.update({f"{which}_{k}": float(v) for k, v in agg.items()})
+            out.update({f"{which}_{k}": float(v) for k, v in agg.items() if k != contract.PERSONAL_FILE_ROUND})
         self.info.evaluate_aggregate = out
         return MetricRecord(out)
 

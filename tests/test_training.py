@@ -128,12 +128,19 @@ def test_pooled_tiny_end_to_end_then_predict(tiny_federation, tmp_path):
         with h5py.File(tmp_path / "pred" / "attention" / f"{r['slide_id']}.h5") as f:
             assert math.isclose(float(f["attention_scores"][()].sum()), 1.0, abs_tol=1e-5)
         assert (tmp_path / "pred" / "attention" / f"{r['slide_id']}.geojson").is_file()
-    # histology-only inference from files reproduces the run's test probabilities
-    by_id = {r["slide_id"]: r["probability"] for r in report.ok}
-    auc_again = roc_auc(
-        [b.label for sc in cfg.sites for b in load_site(sc, cfg).split("test")],
-        [by_id[i] for i in test_ids])
+    # histology-only inference from files reproduces the run's test scores; the calibrated probability (fitted
+    # on the validation split) ranks them the same
+    assert report.head == "classifier" == meta["primary_head"] and meta["heads"] == {"classifier": "trained",
+                                                                                      "memory": "trained"}
+    assert set(meta["calibration"]) == {"classifier", "memory"} == set(on_disk["test_ece"])
+    assert meta["calibration"]["classifier"]["threshold"] == metrics["thresholds"]["classifier"]
+    by_id = {r["slide_id"]: r["raw_score"] for r in report.ok}
+    labels = [b.label for sc in cfg.sites for b in load_site(sc, cfg).split("test")]
+    auc_again = roc_auc(labels, [by_id[i] for i in test_ids])
     assert auc_again == pytest.approx(metrics["test"]["classifier"]["auc"], abs=1e-6)
+    prob = {r["slide_id"]: r["probability"] for r in report.ok}
+    assert roc_auc(labels, [prob[i] for i in test_ids]) == pytest.approx(auc_again, abs=1e-6)
+    print(f"pooled tiny: test ECE {on_disk['test_ece']}")
     # the run's own per-slide test scores (for ROC curves) agree with predict
     written = pd.concat([pd.read_csv(run / "predictions" / f"test_{sc.name}.csv") for sc in cfg.sites])
     assert sorted(written["slide_id"]) == sorted(test_ids)

@@ -19,10 +19,23 @@ Site -> server, train reply:
                                  slides (2,K); absent in ``frozen`` mode.
     ``"metrics"`` (MetricRecord) exactly :data:`TRAIN_METRIC_KEYS`.
 
-Site -> server, evaluate reply: ``"metrics"`` with exactly :data:`EVALUATE_METRIC_KEYS` (the *global* model's
-test metrics, and its validation metrics, from which the server picks the best round) and ``"metrics-personal"``
-(:data:`PERSONAL_METRICS_RECORD`, same keys: the personalised model, i.e. global shared weights + the site's
-private head and temperature).
+Site -> server, evaluate reply:
+    ``"metrics"`` (MetricRecord)            exactly :data:`EVALUATE_METRIC_KEYS`: the *global* model's test
+                                            metrics, and its validation metrics, from which the server picks the
+                                            best round.
+    ``"metrics-personal"`` (MetricRecord)   :data:`PERSONAL_METRICS_RECORD`, exactly :data:`PERSONAL_METRIC_KEYS`:
+                                            the same for the personalised model (global shared weights + the
+                                            site's private head and temperature) of this round, plus the round,
+                                            validation and test AUC of the site's ``personal_model.pt`` (the round
+                                            it judges best on its own validation split; the file stays there).
+    ``"calibration"`` (ArrayRecord)         :data:`CALIBRATION_RECORD`: for each head the global model trained
+                                            (``heads.global_model_heads``), the (2, B) class-conditional counts of
+                                            the global model's raw validation scores on the fixed bin edges of
+                                            ``calibration.edges_for`` (B = ``calibration.bins``), runs of bins
+                                            merged under ``federation.min_slot_count`` (:func:`check_calibration`).
+                                            The only per-round statistic beyond aggregate metrics; the server pools
+                                            it into the global model's calibration. Recorded in the site's audit
+                                            log.
 
 Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRecord (:data:`SITE_RECORD`, keys
 :data:`SITE_KEYS`): who replied (node ids are not stable across restarts).
@@ -56,6 +69,7 @@ KMEANS_RECORD = "kmeans"  # k-means statistics of a query reply
 OMICS_RECORD = "omics"  # genomic moments (query reply, MOMENT_KEYS) or z-score statistics (server, NORM_KEYS)
 SITE_RECORD = "site"  # ConfigRecord of every site reply: SITE_KEYS
 PERSONAL_METRICS_RECORD = "metrics-personal"  # evaluate reply: the personalised model's test metrics
+CALIBRATION_RECORD = "calibration"  # evaluate reply: validation histograms of the global model's trained heads
 
 # ---- "site" record keys (site -> server) -------------------------------------------------------------------------
 SITE_NAME = "name"  # str
@@ -116,7 +130,12 @@ TEST_AUC_MEMORY = "test_auc_memory"  # test AUC of the memory score
 TEST_LOSS = "test_loss"  # mean test cross-entropy
 VAL_SLIDES = "val_slides"  # validation slides scored (the weight of VAL_AUC / VAL_AUC_MEMORY in the pooled mean)
 EVALUATE_METRIC_KEYS = (NUM_EXAMPLES, TEST_AUC, TEST_AUC_MEMORY, TEST_LOSS, VAL_SLIDES, VAL_AUC, VAL_AUC_MEMORY)
-METRIC_KEYS = {"train": TRAIN_METRIC_KEYS, "evaluate": EVALUATE_METRIC_KEYS}
+PERSONAL_FILE_ROUND = "personal_file_round"  # round of the site's personal_model.pt (0 = not written yet)
+PERSONAL_FILE_VAL_AUC = "personal_file_val_auc"  # its validation AUC (classifier): what the site chose it by
+PERSONAL_FILE_TEST_AUC = "personal_file_test_auc"  # its test AUC (classifier, the file's primary head)
+PERSONAL_METRIC_KEYS = (*EVALUATE_METRIC_KEYS, PERSONAL_FILE_ROUND, PERSONAL_FILE_VAL_AUC, PERSONAL_FILE_TEST_AUC)
+METRIC_KEYS = {"train": TRAIN_METRIC_KEYS, "evaluate": EVALUATE_METRIC_KEYS, "personal": PERSONAL_METRIC_KEYS}
+_INT_KEYS = (NUM_EXAMPLES, PAIRED, VAL_SLIDES, PERSONAL_FILE_ROUND)
 
 
 def _check_metrics(values: Mapping[str, float], keys: tuple[str, ...], what: str) -> dict[str, float]:
@@ -129,8 +148,8 @@ def _check_metrics(values: Mapping[str, float], keys: tuple[str, ...], what: str
         v = values[k]
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"{what} metrics: {k!r} must be a number, got {type(v).__name__}")
-        out[k] = int(v) if k in (NUM_EXAMPLES, PAIRED, VAL_SLIDES) else float(v)
-    for k in (NUM_EXAMPLES, VAL_SLIDES):
+        out[k] = int(v) if k in _INT_KEYS else float(v)
+    for k in (NUM_EXAMPLES, VAL_SLIDES, PERSONAL_FILE_ROUND):
         if k in out and out[k] < 0:
             raise ValueError(f"{what} metrics: {k} must be >= 0, got {out[k]}")
     return out
@@ -187,9 +206,46 @@ def evaluate_metrics(
     return _check_metrics(values, EVALUATE_METRIC_KEYS, "evaluate")
 
 
+def personal_metrics(model: Mapping[str, float], file_round: int, file_val_auc: float,
+                     file_test_auc: float) -> dict[str, float]:
+    """Build the ``"metrics-personal"`` dict: the personalised model's :func:`evaluate_metrics` (``model``) and the
+    round, validation AUC and test AUC of the site's ``personal_model.pt``; exactly :data:`PERSONAL_METRIC_KEYS`."""
+    values = {**model, PERSONAL_FILE_ROUND: file_round, PERSONAL_FILE_VAL_AUC: file_val_auc,
+              PERSONAL_FILE_TEST_AUC: file_test_auc}
+    return _check_metrics(values, PERSONAL_METRIC_KEYS, "personal")
+
+
 def check_metrics(values: Mapping[str, float], kind: str) -> dict[str, float]:
-    """Check a received metric dict against the contract for ``kind`` ("train" or "evaluate")."""
+    """Check a received metric dict against the contract for ``kind`` ("train", "evaluate" or "personal")."""
     return _check_metrics(values, METRIC_KEYS[kind], kind)
+
+
+def check_calibration(arrays: Mapping[str, np.ndarray], heads: tuple[str, ...] | list[str], n_bins: int,
+                      val_slides: int) -> dict[str, np.ndarray]:
+    """Check a received :data:`CALIBRATION_RECORD`: exactly ``heads``, each (2, ``n_bins``), finite, >= 0, summing
+    to at most the site's ``val_slides``. Returns float64 copies.
+
+    Raises
+    ------
+    KeyError, ValueError
+        Naming the head and what is wrong.
+    """
+    missing = [h for h in heads if h not in arrays]
+    extra = [h for h in arrays if h not in heads]
+    if missing or extra:
+        raise KeyError(f"calibration record: missing heads {missing}, unknown {extra}; expected {list(heads)}")
+    out = {}
+    for h in heads:
+        a = np.asarray(arrays[h], dtype=np.float64)
+        if a.shape != (2, int(n_bins)):
+            raise ValueError(f"calibration record: {h!r} has shape {a.shape}, expected (2, {n_bins})")
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise ValueError(f"calibration record: {h!r} holds negative or non-finite counts")
+        if a.sum() > val_slides + 1e-6:
+            raise ValueError(f"calibration record: {h!r} counts {a.sum():.6g} slides, the site has {val_slides} "
+                             f"validation slides")
+        out[h] = a
+    return out
 
 
 # ---- numpy <-> torch ---------------------------------------------------------------------------------------------
