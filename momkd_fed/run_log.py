@@ -66,18 +66,21 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
     return path
 
 
-def write_predictions_csv(path: str | Path, slide_ids: list[str], labels: np.ndarray, probs: np.ndarray,
+def write_predictions_csv(path: str | Path, slide_ids: list[str], labels: np.ndarray, probs: np.ndarray | None,
                           memory_scores: np.ndarray | None) -> Path:
-    """Per-slide test scores (``PREDICTION_COLUMNS``; memory_score empty for a model without memory), atomic."""
+    """Per-slide test scores of the heads a model trained, atomic: ``PREDICTION_COLUMNS`` without ``probability``
+    (classifier P(y=1)) when ``probs`` is None (an untrained classifier is never written) and with ``memory_score``
+    empty for a model without memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(PREDICTION_COLUMNS)
+        w.writerow([c for c in PREDICTION_COLUMNS if c != "probability" or probs is not None])
         for i, sid in enumerate(slide_ids):
             mem = "" if memory_scores is None else repr(float(memory_scores[i]))
-            w.writerow([sid, int(labels[i]), repr(float(probs[i])), mem])
+            prob = [] if probs is None else [repr(float(probs[i]))]
+            w.writerow([sid, int(labels[i]), *prob, mem])
     os.replace(tmp, path)
     return path
 

@@ -35,13 +35,14 @@ from pathlib import Path
 
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import MomkdError
-from momkd_fed.run_log import BEST_MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE, iter_rounds, read_summary
+from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE,
+                               iter_rounds, read_summary)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
 from .deploy import (CONNECTION_NAME, FlowerProcess, LaunchError, flower_env, flwr_cli, list_nodes,
                      register_site_keys, start_superlink, write_flwr_config)
-from .simulate import RoundTable, fmt_auc
+from .simulate import RoundTable, final_lines
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +311,9 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
     coord.check_bundle()
     names = [s.name for s in cfg.sites] or (sorted(p.stem for p in (Path(certs) / "sites").glob("*.pub"))
                                              if certs is not None else [])
-    table = RoundTable(names)
+    from momkd_fed.heads import global_model_heads, primary_head
+
+    table = RoundTable(names, primary_head(global_model_heads(cfg)) or "memory")
     say = table.console.print
     rounds_path = out / ROUNDS_FILE
     offset = rounds_path.stat().st_size if (resume and rounds_path.exists()) else 0
@@ -356,9 +359,9 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
         say(f"report: {page}")
     except Exception as exc:  # the run itself completed: a plotting problem must not fail it
         log.warning("the HTML report could not be built: %s", exc)
-    best = summary.get("best") or {}
-    best_auc = ((best.get("test_auc_by_head") or {}).get("global_test_auc_memory") or {}).get("pooled")
-    say(f"done: {summary.get('rounds_completed')} rounds, test AUC (slide-weighted mean over sites) "
-        f"{fmt_auc(summary.get('test_auc', {}).get('pooled'))} (last round), {fmt_auc(best_auc)} (round "
-        f"{best.get('round')}, best by validation: {out / BEST_MODEL_FILE}) -> {out / SUMMARY_FILE}")
+    say(f"done: {summary.get('rounds_completed')} rounds -> {out / SUMMARY_FILE}")
+    for line in final_lines(summary, "slide-weighted mean over sites"):
+        say(line)
+    say(f"  model files: {out / BEST_MODEL_FILE}, {out / GLOBAL_MODEL_FILE}; each site's {PERSONAL_MODEL_FILE} "
+        f"is in its own state folder")
     return EXIT_OK

@@ -26,8 +26,10 @@ import numpy as np
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import ConfigError, MomkdError
 from momkd_fed.report import build_report
-from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PREDICTIONS_DIR, ROUNDS_FILE, SUMMARY_FILE,
-                               iter_rounds, json_safe, read_summary, write_json_atomic, write_predictions_csv)
+from momkd_fed.heads import model_label
+from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, PREDICTIONS_DIR, ROUNDS_FILE,
+                               SUMMARY_FILE, iter_rounds, json_safe, read_summary, write_json_atomic,
+                               write_predictions_csv)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
@@ -59,19 +61,40 @@ def fmt_auc(x: float | None, missing: str = "n/a") -> str:
     return missing if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-class RoundTable:
-    """Prints one aligned row per round: seconds, mean train loss, per-site test AUC (global memory score /
-    personalised classifier) and the pooled value."""
+def final_lines(summary: dict, pooled: str) -> list[str]:
+    """The closing lines of ``simulate`` and ``server``: the test AUC of every model file a user may take, each
+    named by its file, round and head (``summary.json`` ``models``); ``pooled`` says what "pooled" means."""
+    models = summary.get("models") or {}
+    lines = []
+    for file, note in ((BEST_MODEL_FILE, "the model for a hospital that did not train"),
+                       (GLOBAL_MODEL_FILE, "the last round's")):
+        m = models.get(file) or {}
+        if m:
+            auc = (m.get("test_auc") or {}).get("pooled")
+            lines.append(f"  {m.get('label', file)}: test AUC {fmt_auc(auc)} ({pooled}; {note})")
+    m = models.get(PERSONAL_MODEL_FILE) or {}
+    if m.get("rounds"):
+        per = ", ".join(f"{s} {fmt_auc(v)}" for s, v in (m.get("test_auc") or {}).items() if s != "pooled")
+        lines.append(f"  {m.get('label', PERSONAL_MODEL_FILE)}: test AUC {per} (each in its site's state folder)")
+    return lines
 
-    def __init__(self, sites: list[str]) -> None:
+
+class RoundTable:
+    """Prints one aligned row per round: seconds, mean train loss, per-site test AUC (global model with its primary
+    head / personalised model, classifier) and the pooled value of the global model."""
+
+    def __init__(self, sites: list[str], head: str = "memory") -> None:
         from rich.console import Console
 
         self.console = Console(highlight=False)
         self.sites = sites
+        self.head = head
         self.width = max(14, *(len(s) for s in sites)) if sites else 14
 
     def header(self) -> None:
         cols = "".join(f"{s:>{self.width + 2}}" for s in self.sites)
+        self.console.print(f"test AUC per round: {model_label('global model', self.head)} / "
+                           f"{model_label('personalised model', 'classifier')}; pooled: global model")
         self.console.print(f"[bold]{'round':>5} {'sec':>6} {'loss':>7}{cols}{'pooled':>9}[/bold]")
         self.console.print(f"{'':>20}" + "".join(f"{'global/personal':>{self.width + 2}}" for _ in self.sites)
                            + f"{'global':>9}")
@@ -167,33 +190,84 @@ def _complete_size(path: Path) -> int:
 # evaluation that needs every site's data (simulation only)
 
 
-def pooled_test_auc(cfg: Config, out_dir: Path, model_file: str = GLOBAL_MODEL_FILE) -> dict:
-    """Pooled histology-only test AUC of ``model_file`` over the union of all sites' test slides; for
-    ``global_model.pt`` also writes each site's per-slide test scores to ``predictions/test_<site>.csv``.
+def pooled_test_scores(cfg: Config, model_path: Path, sites: list | None = None,
+                       predictions_dir: Path | None = None) -> dict:
+    """AUC and expected calibration error of one model file over the union of the test slides of ``sites``
+    (default: every site), for each head the file trained; optionally each site's per-slide test scores to
+    ``predictions_dir/test_<site>.csv`` (trained heads only).
 
     Per-slide outputs never leave a site in a real federation, so the ServerApp reports a slide-weighted mean
     of site AUCs; a simulation holds every site's data on this machine and can compute the real pooled value.
+
+    Returns
+    -------
+    dict
+        ``head`` (the file's primary head), ``slides``, ``auc`` {head: AUC}, ``ece`` {head: {"raw", "calibrated",
+        "bins"}} (raw: the head's output read as a probability, softmax P or sigmoid(delta); calibrated: the
+        file's stored calibration; 10 equal-width bins).
     """
+    from momkd_fed.calibration import Calibration, expected_calibration_error, raw_probability
+    from momkd_fed.checkpoint import load_model
+    from momkd_fed.data.site import load_site
+    from momkd_fed.engine import evaluate
+    from momkd_fed.heads import TRAINED, checkpoint_heads
+    from momkd_fed.metrics import roc_auc
+
+    model, mcfg, meta = load_model(model_path)
+    heads = [h for h, st in checkpoint_heads(meta, mcfg).items() if st == TRAINED]
+    labels, scores = [], {h: [] for h in heads}
+    for site in sites if sites is not None else cfg.sites:
+        pred = evaluate(model, load_site(site, cfg).split("test"), model_device(model), cfg.train.precision)
+        if predictions_dir is not None:  # ROC curves in the report (simulation only)
+            write_predictions_csv(predictions_dir / f"test_{site.name}.csv", pred.slide_ids, pred.labels,
+                                  pred.probs if "classifier" in heads else None,
+                                  pred.memory_scores if "memory" in heads else None)
+        labels.append(pred.labels)
+        for h in heads:
+            scores[h].append(pred.scores(h))
+    y = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
+    out = {"head": meta.get("primary_head"), "slides": int(len(y)), "auc": {}, "ece": {}}
+    for h in heads:
+        raw = np.concatenate(scores[h]) if len(y) else np.zeros(0)
+        out["auc"][h] = roc_auc(y, raw) if len(y) else math.nan
+        cal = (meta.get("calibration") or {}).get(h)
+        out["ece"][h] = {"raw": expected_calibration_error(y, raw_probability(h, raw)),
+                         "calibrated": (expected_calibration_error(y, Calibration.from_dict(cal).probability(raw))
+                                        if cal else math.nan),
+                         "bins": "10 equal-width probability bins"}
+    return out
+
+
+def personal_model_paths(cfg: Config, out_dir: Path, run_key: str) -> dict[str, Path]:
+    """Site -> its ``personal_model.pt`` in the simulation's site state folders (sites without one left out)."""
+    paths = {s.name: out_dir / "site_state" / s.name / run_key / PERSONAL_MODEL_FILE for s in cfg.sites}
+    return {s: p for s, p in paths.items() if p.is_file()}
+
+
+def personal_test_scores(cfg: Config, out_dir: Path, run_key: str) -> dict:
+    """Each site's ``personal_model.pt`` on its own test slides, pooled: the AUC over the union of those scores
+    and the ECE of their raw and calibrated classifier probabilities (simulation only)."""
+    from momkd_fed.calibration import Calibration, expected_calibration_error
     from momkd_fed.checkpoint import load_model
     from momkd_fed.data.site import load_site
     from momkd_fed.engine import evaluate
     from momkd_fed.metrics import roc_auc
 
-    model, _, _ = load_model(out_dir / model_file)
-    labels, memory, probs = [], [], []
-    for site in cfg.sites:
-        pred = evaluate(model, load_site(site, cfg).split("test"), model_device(model), cfg.train.precision)
-        if model_file == GLOBAL_MODEL_FILE:  # ROC curves in the report (simulation only)
-            write_predictions_csv(out_dir / PREDICTIONS_DIR / f"test_{site.name}.csv", pred.slide_ids, pred.labels,
-                                  pred.probs, pred.memory_scores)
-        labels.append(pred.labels)
-        probs.append(pred.probs)
-        if pred.memory_scores is not None:
-            memory.append(pred.memory_scores)
-    y = np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64)
-    out = {"memory": roc_auc(y, np.concatenate(memory)) if memory and len(y) else math.nan,
-           "classifier": roc_auc(y, np.concatenate(probs)) if len(y) else math.nan, "slides": int(len(y))}
-    return out
+    y, raw, cal = [], [], []
+    for site, path in personal_model_paths(cfg, out_dir, run_key).items():
+        model, _, meta = load_model(path)
+        pred = evaluate(model, load_site(cfg.site(site), cfg).split("test"), model_device(model), cfg.train.precision)
+        y.append(pred.labels)
+        raw.append(pred.probs)
+        c = (meta.get("calibration") or {}).get("classifier")
+        cal.append(Calibration.from_dict(c).probability(pred.probs) if c else np.full(len(pred.probs), math.nan))
+    if not y:
+        return {}
+    y, raw, cal = np.concatenate(y), np.concatenate(raw), np.concatenate(cal)
+    return {"auc": roc_auc(y, raw), "slides": int(len(y)),
+            "ece": {"raw": expected_calibration_error(y, raw),
+                    "calibrated": expected_calibration_error(y, cal) if np.isfinite(cal).all() else math.nan,
+                    "bins": "10 equal-width probability bins"}}
 
 
 def model_device(model):
@@ -254,7 +328,9 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
         config_path = synthesize("tiny", out_dir / "data", seed=0)
         log.info("synthesised the tiny federation: %s", config_path)
     cfg = load_config(config_path)
-    table = RoundTable([s.name for s in cfg.sites])
+    from momkd_fed.heads import global_model_heads, primary_head
+
+    table = RoundTable([s.name for s in cfg.sites], primary_head(global_model_heads(cfg)) or "memory")
     table.console.print(f"simulating {len(cfg.sites)} sites x {cfg.federation.rounds} rounds "
                         f"(Flower simulation engine) -> {out_dir}")
     table.header()
@@ -270,17 +346,7 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
                   out_dir / "flower" / "run.log", out_dir / "server.log")
         table.console.print(f"[red]simulation failed: {status}[/red] (logs: {out_dir / 'flower' / 'run.log'})")
         return 1
-    pooled = pooled_test_auc(cfg, out_dir)
-    summary["test_auc_site_weighted_mean"] = summary["test_auc"]["pooled"]
-    summary["test_auc"]["pooled"] = pooled["memory"]
-    summary["test_auc_pooled_method"] = (
-        f"AUC over the union of all sites' test slides ({pooled['slides']}), computed by the simulation runner "
-        "from global_model.pt (a real federation reports the slide-weighted mean of site AUCs instead, "
-        "test_auc_site_weighted_mean)")
-    summary["test_auc_pooled_classifier"] = pooled["classifier"]
-    if summary.get("best", {}).get("round"):
-        best = pooled_test_auc(cfg, out_dir, BEST_MODEL_FILE)
-        summary["best"]["test_auc_pooled"] = {"memory": best["memory"], "classifier": best["classifier"]}
+    add_pooled_figures(cfg, out_dir, summary)
     if baselines:
         summary["baselines"] = run_baselines(cfg, out_dir, baselines)
     summary["seconds_simulate"] = time.perf_counter() - t_start
@@ -290,10 +356,39 @@ def simulate(config_path: Path | None, out_dir: Path | None, baselines: list[str
         table.console.print(f"report: {page}")
     except MomkdError as exc:  # the run itself succeeded; say why there is no report
         log.error("report not written: %s", exc)
-    auc = summary["test_auc"]["pooled"]
-    best = summary.get("best", {})
-    best_auc = best.get("test_auc_pooled", {}).get("memory")
-    table.console.print(f"done: {summary['rounds_completed']} rounds, pooled test AUC {fmt_auc(auc)} (last round), "
-                        f"{fmt_auc(best_auc)} (round {best.get('round')}, best by validation: {BEST_MODEL_FILE}) in "
-                        f"{summary['seconds_simulate']:.0f} s -> {out_dir / SUMMARY_FILE}")
+    table.console.print(f"done: {summary['rounds_completed']} rounds in {summary['seconds_simulate']:.0f} s -> "
+                        f"{out_dir / SUMMARY_FILE}")
+    for line in final_lines(summary, "all sites' test slides pooled"):
+        table.console.print(line)
+    table.console.print(f"  personal models: {out_dir / 'site_state'}/<site>/{summary.get('run_key')}/"
+                        f"{PERSONAL_MODEL_FILE}")
     return 0
+
+
+def add_pooled_figures(cfg: Config, out_dir: Path, summary: dict) -> None:
+    """Replace the slide-weighted means of ``summary`` by AUCs over the union of all sites' test slides (possible
+    here only: a simulation holds every site's data), add the expected calibration error of every model file,
+    and write ``predictions/test_<site>.csv`` of ``best_model.pt`` for the report's ROC curves."""
+    head = summary.get("test_auc_head") or "memory"
+    models = summary.setdefault("models", {})
+    last = pooled_test_scores(cfg, out_dir / GLOBAL_MODEL_FILE)
+    summary["test_auc_site_weighted_mean"] = summary["test_auc"]["pooled"]
+    summary["test_auc"]["pooled"] = last["auc"].get(head, math.nan)
+    summary["test_auc_pooled_method"] = (
+        f"AUC over the union of all sites' test slides ({last['slides']}), computed by the simulation runner "
+        f"from each model file (a real federation reports the slide-weighted mean of site AUCs instead, "
+        f"test_auc_site_weighted_mean)")
+    summary["test_auc_pooled_by_head"] = last["auc"]  # every head global_model.pt trained
+    files = {GLOBAL_MODEL_FILE: last}
+    if summary.get("best", {}).get("round"):
+        best = pooled_test_scores(cfg, out_dir / BEST_MODEL_FILE, predictions_dir=out_dir / PREDICTIONS_DIR)
+        summary["best"]["test_auc_pooled"] = best["auc"]
+        files[BEST_MODEL_FILE] = best
+    for file, res in files.items():
+        if file in models:
+            models[file].setdefault("test_auc", {})["pooled"] = res["auc"].get(head, math.nan)
+            models[file]["test_ece_pooled"] = res["ece"]
+    personal = personal_test_scores(cfg, out_dir, str(summary.get("run_key", "")))
+    if personal and PERSONAL_MODEL_FILE in models:
+        models[PERSONAL_MODEL_FILE]["test_auc_pooled_union"] = personal["auc"]
+        models[PERSONAL_MODEL_FILE]["test_ece_pooled"] = personal["ece"]

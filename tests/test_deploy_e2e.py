@@ -77,7 +77,8 @@ def test_tls_node_auth_two_sites_complete_and_unregistered_key_refused(fed, tmp_
             assert "No SuperNode found with the given public key" in (out / "flower" / "superlink.log").read_text()
             # one progress row per round, with both sites' AUCs
             assert re.search(r"^\s+1\s+\d+\.\d", text, re.M) and re.search(r"^\s+2\s+\d+\.\d", text, re.M), text
-            assert "done: 2 rounds" in text and "best by validation" in text
+            assert "done: 2 rounds" in text and "global model (best_model.pt, round" in text  # file, head named
+            assert "memory head: test AUC" in text and "personal models (personal_model.pt" in text
             rows = rounds(out)
             assert [r["round"] for r in rows] == [1, 2]
             assert all(set(r["sampled"]) == set(SITES) and not r["dropouts"] for r in rows)

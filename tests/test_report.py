@@ -93,6 +93,15 @@ def write_federated_run(run: Path, seed: int = 0) -> Path:
         "test_auc_personal": by_head["personal_test_auc"], "test_auc_by_head": by_head,
         "bytes_sent": 37_809_000, "bytes_received": 36_918_000, "dropouts": 1, "seconds": 98.5,
         "best": {"round": 2, "monitor": "val_auc_memory", "val_auc": GLOBAL_VAL[2], "model_file": "best_model.pt"},
+        "models": {  # every AUC named by the model file and head it belongs to (server/rounds.py summary)
+            "best_model.pt": {"label": "global model (best_model.pt, round 2), memory head", "head": "memory",
+                              "test_auc": {"pooled": 0.823, "north": 0.84, "south": 0.8, "west": 0.81}},
+            "global_model.pt": {"label": "global model (global_model.pt, round 3), memory head", "head": "memory",
+                                "test_auc": by_head["global_test_auc_memory"]},
+            "personal_model.pt": {"label": "personal models (personal_model.pt at each site), classifier",
+                                  "head": "classifier", "test_auc": {"pooled": 0.805, "north": 0.81, "south": 0.8,
+                                                                     "west": 0.8}},
+        },
         "baselines": {
             "local": {"momkd": {"test_auc": {"north": 0.74, "south": 0.61, "west": 0.7}},
                       "abmil": {"north": [0.7, 0.72, 0.69], "south": [0.58, 0.6, 0.62], "west": [0.66, 0.7, 0.68]}},
@@ -163,11 +172,14 @@ def test_federated_report_draws_every_plot_and_embeds_it(tmp_path):
     # the AUC table: pooled first, every head of the federated model, then the baselines, seeds summarised
     table = re.search(r'<table id="auc-table">(.*?)</table>', text, re.S).group(1)
     assert table.index(">pooled<") < table.index(">north<")
-    for cell in ("0.812", "0.830", "0.740", "n/a", "0.843 ± 0.015 (n=3)", "0.800 ± 0.020 (n=3)"):
+    for cell in ("0.823", "0.812", "0.830", "0.740", "0.843 ± 0.015 (n=3)", "0.800 ± 0.020 (n=3)"):
         assert cell in table, cell
-    for col in ("federated global, memory score", "federated global, classifier", "federated personalised, "
-                "classifier", "local momkd", "local abmil", "centralized momkd", "centralized abmil"):
+    for col in ("global model (best_model.pt, round 2), memory head", "global model (global_model.pt, round 3), "
+                "memory head", "personal models (personal_model.pt at each site), classifier", "local momkd",
+                "local abmil", "centralized momkd", "centralized abmil"):
         assert f"<th>{col}</th>" in table, col
+    assert "classifier</th>" not in table.replace("personal_model.pt at each site), classifier</th>", "")
+    assert "ROC curves on the test split: global model (best_model.pt, round 2), memory head" in text
     assert "slide-weighted mean of the sites" in text  # how "pooled" was computed is said
     dropouts = re.search(r'<table id="dropouts">(.*?)</table>', text, re.S).group(1)
     assert "<td>2</td><td>west</td><td>evaluate</td><td>timeout</td>" in dropouts
@@ -236,11 +248,27 @@ def test_partial_last_line_is_skipped_but_a_broken_line_is_named(tmp_path):
         build_report(run)
 
 
-def test_predictions_csv_without_probability_is_refused(tmp_path):
+def test_predictions_csv_without_scores_is_refused_and_an_untrained_classifier_is_not_drawn(tmp_path):
     run = write_train_run(tmp_path / "train")
     (run / "predictions" / "test_north.csv").write_text("slide_id,label\na,0\nb,1\n")
-    with pytest.raises(MomkdError, match=r"test_north\.csv: columns .* lack 'label' or 'probability'"):
+    with pytest.raises(MomkdError, match=r"test_north\.csv: columns .* lack 'label' or a score"):
         build_report(run)
+    # a federated global model whose classifier never left the sites: its CSVs carry the memory score only,
+    # and the ROC figure has the memory panel alone
+    from momkd_fed.report.run_folder import load_run
+    from momkd_fed.run_log import write_predictions_csv
+
+    fed = write_federated_run(tmp_path / "fed")
+    for site in SITES:
+        write_predictions_csv(fed / "predictions" / f"test_{site}.csv", ["a", "b", "c"], np.array([0, 1, 1]), None,
+                              np.array([-0.5, 0.2, 0.4]))
+    assert "probability" not in (fed / "predictions" / "test_north.csv").read_text().splitlines()[0]
+    data = load_run(fed)
+    assert all(p.prob is None and p.memory_score is not None for p in data.predictions.values())
+    build_report(fed)
+    with Image.open(fed / "report" / "roc.png") as im:
+        w, h = im.size
+    assert w < 1.3 * h  # one panel (two would be about twice as wide as high)
 
 
 def test_site_major_rounds_layout_is_read(tmp_path):
@@ -269,6 +297,16 @@ def test_roc_points_match_auc_and_sklearn():
     ref_fpr, ref_tpr, _ = roc_curve(y, s, drop_intermediate=False)
     np.testing.assert_allclose(fpr, ref_fpr)
     np.testing.assert_allclose(tpr, ref_tpr)
+
+
+def test_a_summary_written_before_model_files_were_named_still_reads():
+    by_head = {"global_test_auc_memory": {"pooled": 0.8}, "global_test_auc": {"pooled": None},
+               "personal_test_auc": {"pooled": 0.7}}
+    cols = auc_columns({"test_auc": by_head["global_test_auc_memory"], "test_auc_by_head": by_head})
+    assert list(cols) == ["global model (last round), memory head", "global model (last round), classifier",
+                          "personalised model (last round), classifier"]
+    assert math.isnan(cols["global model (last round), classifier"]["pooled"].mean)  # untrained: n/a, not a number
+    assert list(auc_columns({"test_auc": {"pooled": 0.8}}, every_head=False)) == ["federated"]
 
 
 def test_baseline_shapes_are_summarised_over_seeds():

@@ -23,7 +23,8 @@ __all__ = ["build_report", "render_heatmap", "REPORT_DIR"]
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"  # sub-folder of the run folder holding the PNGs and index.html
-_TABLE_NOTES = ("test_auc_model", "test_auc_pooled_method")  # summary.json texts shown under the AUC table
+_TABLE_NOTES = ("test_auc_model", "test_auc_personal_model", "test_auc_pooled_method")  # summary.json texts shown
+# under the AUC table
 
 
 def _int(v: object) -> int | None:
@@ -31,8 +32,9 @@ def _int(v: object) -> int | None:
 
 
 def _federated_plots(run: RunData, out: Path) -> list[Plot]:
+    best = as_dict(as_dict(run.summary.get("models")).get("best_model.pt")).get("label")
     return [
-        plot_roc(run.predictions, out),
+        plot_roc(run.predictions, out, best if isinstance(best, str) else ""),
         plot_auc_rounds(run.auc, "round", out, best=_int(as_dict(run.summary.get("best")).get("round"))),
         plot_losses(run.losses, "round", out),
         plot_bytes(run.bytes_sent, run.bytes_received, out),
@@ -44,7 +46,7 @@ def _federated_plots(run: RunData, out: Path) -> list[Plot]:
 
 def _train_plots(run: RunData, out: Path) -> list[Plot]:
     return [
-        plot_roc(run.predictions, out),
+        plot_roc(run.predictions, out, "model.pt"),
         plot_auc_rounds(run.auc, "epoch", out, best=_int(run.summary.get("best_epoch"))),
         plot_losses(run.losses, "epoch", out),
         plot_seconds(run.seconds, "epoch", out),

@@ -83,27 +83,36 @@ def auc_map(obj: Any) -> dict[str, Stat] | None:
 
 
 def _head_label(key: str) -> str:
-    """``global_test_auc_memory`` -> ``federated global, memory score`` (summary.json ``test_auc_by_head`` keys)."""
+    """``global_test_auc_memory`` -> ``global model (last round), memory head`` (summary.json
+    ``test_auc_by_head`` keys)."""
     model, _, metric = key.partition("_")
-    model = {"personal": "personalised"}.get(model, model)
-    head = "memory score" if metric.endswith("memory") else "classifier"
-    return f"federated {model}, {head}"
+    model = {"personal": "personalised model", "global": "global model"}.get(model, model)
+    head = "memory head" if metric.endswith("memory") else "classifier"
+    return f"{model} (last round), {head}"
 
 
 def auc_columns(summary: dict, every_head: bool = True) -> dict[str, dict[str, Stat]]:
-    """Method label -> where ("pooled" or a site) -> Stat: the federated model first, then each baseline.
+    """Method label -> where ("pooled" or a site) -> Stat: the federated model files first, then each baseline.
 
     Parameters
     ----------
     summary : dict
         ``summary.json``.
     every_head : bool
-        True: one federated column per model and head (``test_auc_by_head``) when the summary has them; False:
-        only the headline ``test_auc`` (as ``federated``), for the side-by-side bar chart.
+        True: one federated column per model file (``models``: ``best_model.pt``, ``global_model.pt``, the sites'
+        ``personal_model.pt``), each labelled with its head; for a summary written before those were recorded, one
+        per model and head of ``test_auc_by_head``. False: only the model a new hospital would use
+        (``best_model.pt``; older summaries: the headline ``test_auc`` as ``federated``), for the bar chart.
     """
     cols: dict[str, dict[str, Stat]] = {}
     by_head = summary.get("test_auc_by_head")
-    if every_head and isinstance(by_head, dict) and by_head:
+    models = summary.get("models")
+    if isinstance(models, dict) and models:
+        for file, m in models.items():
+            auc = auc_map(m.get("test_auc")) if isinstance(m, dict) else None
+            if auc and (every_head or file == "best_model.pt"):
+                cols[str(m.get("label", file))] = auc
+    elif every_head and isinstance(by_head, dict) and by_head:
         for key, value in by_head.items():
             m = auc_map(value)
             if m:

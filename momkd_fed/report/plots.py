@@ -83,16 +83,19 @@ def _integer_x(ax) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_roc(preds: dict[str, Predictions], out_dir: Path) -> Plot:
-    """ROC per site and pooled on the test split: classifier head, and memory score where the CSVs have it."""
-    plot = Plot("roc", "ROC curves on the test split")
+def plot_roc(preds: dict[str, Predictions], out_dir: Path, model: str = "") -> Plot:
+    """ROC per site and pooled on the test split, one panel per head the CSVs hold (the heads the model trained);
+    ``model`` names the model file in the title."""
+    plot = Plot("roc", f"ROC curves on the test split{': ' + model if model else ''}")
     if not preds:
         plot.reason = ("no predictions/test_<site>.csv in the run folder (per-slide scores are written only where "
                        "the slides are local: simulate and train runs)")
         return plot
-    heads = [("prob", "classifier head")]
+    heads = []  # only the heads the model file trained are in the CSVs
+    if any(p.prob is not None for p in preds.values()):
+        heads.append(("prob", "classifier"))
     if any(p.memory_score is not None for p in preds.values()):
-        heads.append(("memory_score", "memory score δ(F_wsi)"))
+        heads.append(("memory_score", "memory head δ(F_wsi)"))
     colors = _palette(preds)
     fig = new_figure(5.2 * len(heads), 5.0)
     axes = fig.subplots(1, len(heads), squeeze=False)[0]

@@ -21,8 +21,10 @@ train run (``epochs.jsonl`` and/or ``metrics.json``)
     ``metrics.json``   ``test.classifier`` / ``test.memory`` metric dicts, ``test_per_site``, run facts.
 either
     ``config.yaml``    the resolved config, shown verbatim.
-    ``predictions/test_<site>.csv``  slide_id, label, probability (or prob)[, memory_score]: per-slide test
-                       scores, written only where the slides are local (simulation, train runs); the ROC curves.
+    ``predictions/test_<site>.csv``  slide_id, label[, probability (or prob)][, memory_score]: per-slide test
+                       scores of the heads the model trained (a federation: ``best_model.pt``; a train run:
+                       ``model.pt``), written only where the slides are local (simulation, train runs); the ROC
+                       curves.
 
 JSON NaN is written as ``null``: a null value draws no point. A key that is absent leaves its series empty; the
 plot that needs it is skipped and the page says why. Nothing is ever filled in.
@@ -64,12 +66,13 @@ class Predictions:
     Attributes
     ----------
     labels : (N,) int array of 0/1.
-    prob : (N,) classifier P(y=1).
+    prob : (N,) classifier P(y=1), or None when the file has none (a federated global model whose classifier was
+        not trained).
     memory_score : (N,) memory score delta(F_wsi), or None when the file has no such values.
     """
 
     labels: np.ndarray
-    prob: np.ndarray
+    prob: np.ndarray | None
     memory_score: np.ndarray | None
 
 
@@ -256,16 +259,18 @@ def read_predictions(path: Path) -> Predictions:
     except (OSError, ValueError) as exc:
         raise MomkdError(f"{path}: cannot read predictions CSV ({exc})") from exc
     prob_col = next((c for c in ("probability", "prob") if c in df.columns), None)
-    if "label" not in df.columns or prob_col is None:
-        raise MomkdError(f"{path}: columns {list(df.columns)} lack 'label' or 'probability'; expected slide_id, "
-                         f"label, probability[, memory_score]")
+    if "label" not in df.columns or (prob_col is None and "memory_score" not in df.columns):
+        raise MomkdError(f"{path}: columns {list(df.columns)} lack 'label' or a score ('probability' or "
+                         f"'memory_score'); expected slide_id, label[, probability][, memory_score]")
     labels = df["label"].to_numpy()
     if not np.isin(labels, (0, 1)).all():
         raise MomkdError(f"{path}: column 'label' must hold 0/1, found {sorted(set(labels.tolist()) - {0, 1})[:5]}")
-    prob = df[prob_col].to_numpy(np.float64)  # (N,)
+    prob = df[prob_col].to_numpy(np.float64) if prob_col else None  # (N,)
     mem = df["memory_score"].to_numpy(np.float64) if "memory_score" in df.columns else None  # (N,)
     if mem is not None and np.isnan(mem).all():
         mem = None
+    if prob is None and mem is None:
+        raise MomkdError(f"{path}: no scores: the memory_score column is empty and there is no probability column")
     for name, v in ((prob_col, prob), ("memory_score", mem)):
         if v is not None and not np.isfinite(v).all():
             raise MomkdError(f"{path}: column {name!r} has {int((~np.isfinite(v)).sum())} empty or non-finite "
@@ -275,10 +280,12 @@ def read_predictions(path: Path) -> Predictions:
 
 def _pool(preds: dict[str, Predictions]) -> Predictions:
     parts = list(preds.values())
-    mem = None
+    mem = prob = None
     if all(p.memory_score is not None for p in parts):
         mem = np.concatenate([p.memory_score for p in parts])
-    return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.prob for p in parts]), mem)
+    if all(p.prob is not None for p in parts):
+        prob = np.concatenate([p.prob for p in parts])
+    return Predictions(np.concatenate([p.labels for p in parts]), prob, mem)
 
 
 def _read_predictions_dir(run: RunData) -> None:
