@@ -23,6 +23,7 @@ from client.client_app import app as client_app
 from client.run_config import RunOptions, make_run_config, split_run_config
 from client.site_state import SiteState, load_site_state, save_site_state
 from momkd_fed.config import load_config
+from momkd_fed.engine import evaluate
 from momkd_fed.federation import contract
 from server import run_outputs
 from server.rounds import run_federation
@@ -56,6 +57,30 @@ class InProcessGrid:
             except Exception as exc:  # the runtime turns a ClientApp exception into an error reply
                 out.append(Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
         return out[::-1]  # arrival order must not matter
+
+
+def predict_test_slides(model_path: Path, cfg, sites: list[str], out: Path, head: str | None = None):
+    """``momkd-fed predict`` on the test slides of ``sites`` (their .h5 files copied into one folder, as a hospital
+    would hand them over); returns (AUC of raw_score, AUC of probability, the PredictReport)."""
+    import shutil
+
+    from momkd_fed.data.site import load_site
+    from momkd_fed.metrics import roc_auc
+    from momkd_fed.predict import predict_paths
+
+    feats = out / "slides"
+    feats.mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for name in sites:
+        sc = cfg.site(name)
+        for b in load_site(sc, cfg).split("test"):
+            shutil.copy(next(Path(sc.features_dir).rglob(f"{b.slide_id}.h5")), feats / f"{b.slide_id}.h5")
+            labels[b.slide_id] = b.label
+    report = predict_paths(model_path, feats, out / "pred", head=head, device="cpu")
+    assert not report.failed and sorted(r["slide_id"] for r in report.ok) == sorted(labels)
+    y = [labels[r["slide_id"]] for r in report.ok]
+    return (roc_auc(y, [r["raw_score"] for r in report.ok]), roc_auc(y, [r["probability"] for r in report.ok]),
+            report)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +202,53 @@ def test_federation_in_process(tiny, tmp_path):
     r2 = rows[1]
     assert all(r2["bytes_sent"][s] < 0.6 * r1["bytes_sent"][s] for s in r1["bytes_sent"])
 
+    # the model files a hospital uses, and the numbers summary.json gives for them (model file and head named)
+    from momkd_fed.calibration import Calibration, calibrate_pooled, site_histograms
+    from momkd_fed.data.site import load_site
+    from momkd_fed.errors import CheckpointError
+    from momkd_fed.heads import checkpoint_heads
+
+    assert best_meta["heads"] == {"classifier": "untrained", "memory": "trained"}
+    assert best_meta["primary_head"] == "memory" == result["models"]["best_model.pt"]["head"]
+    assert result["models"]["best_model.pt"]["label"] == f"global model (best_model.pt, round {best['round']}), " \
+                                                         "memory head"
+    # best_model.pt's calibration is the Platt fit on the sites' pooled validation histograms of its round
+    site_counts = {}
+    for sc in cfg.sites:
+        val = evaluate(best_model, load_site(sc, cfg).split("val"), torch.device("cpu"))
+        site_counts[sc.name] = {h: r.counts for h, r in site_histograms(cfg, val.labels,
+                                                                        {"memory": val.memory_scores}).items()}
+    refit = calibrate_pooled(cfg, site_counts)["memory"]
+    stored = Calibration.from_dict(best_meta["calibration"]["memory"])
+    assert stored.slope == pytest.approx(refit.slope, abs=1e-9) and stored.threshold == refit.threshold
+    assert stored.positives + stored.negatives == sum(v["global"][contract.VAL_SLIDES] for v in r1["evaluate"].values())
+    assert rows[best["round"] - 1]["calibration"]["memory"] == best_meta["calibration"]["memory"]
+    # predict answers with the calibrated memory head and reproduces each site's AUC in summary.json
+    for site in ("hospital_a", "hospital_c"):
+        auc_raw, auc_prob, rep = predict_test_slides(tmp_path / "best_model.pt", cfg, [site], tmp_path / f"p_{site}")
+        assert rep.head == "memory" and rep.calibration == stored
+        assert auc_raw == pytest.approx(result["models"]["best_model.pt"]["test_auc"][site], abs=1e-6)
+        assert auc_prob == pytest.approx(auc_raw, abs=1e-12)  # calibration keeps the ranking
+    # the untrained classifier is never used, and asking for it fails with the fix
+    with pytest.raises(CheckpointError, match="classifier head of this model is untrained.*--head memory"):
+        predict_test_slides(tmp_path / "best_model.pt", cfg, ["hospital_a"], tmp_path / "p_clf", head="classifier")
+    assert checkpoint_heads(meta, cfg)["classifier"] == "untrained"  # global_model.pt too
+
+    # each site's personal model: in its own state folder, its round chosen on its own validation split
+    pers = result["models"]["personal_model.pt"]
+    assert pers["head"] == "classifier" and set(pers["rounds"]) == {s.name for s in cfg.sites}
+    site = "hospital_b"
+    (path,) = (tmp_path / "site_state" / site).glob("*/personal_model.pt")
+    _, _, pmeta = load_model(path)
+    assert pmeta["extra"]["kind"] == "personal" and pmeta["round"] == pers["rounds"][site]
+    assert pmeta["heads"] == {"classifier": "trained", "memory": "trained"} and pmeta["primary_head"] == "classifier"
+    assert "validation split of site hospital_b" in pmeta["calibration"]["classifier"]["source"]
+    auc_raw, auc_prob, rep = predict_test_slides(path, cfg, [site], tmp_path / "p_personal")
+    assert rep.head == "classifier" and auc_raw == pytest.approx(pers["test_auc"][site], abs=1e-6)
+    assert auc_prob == pytest.approx(auc_raw, abs=1e-12)
+    personal_val = [r["evaluate"][site]["personal"][contract.VAL_AUC] for r in rows]
+    assert pers["rounds"][site] == 1 + max(range(len(rows)), key=lambda i: (personal_val[i], -i))
+
 
 class CacheLosingGrid(InProcessGrid):
     """Deletes a node's cached global model just before a train message that refers to it reaches the node."""
@@ -258,9 +330,12 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
     assert result["best"]["round"] == full_best["round"]
     from momkd_fed.checkpoint import load_model
 
-    ma, _, _ = load_model(full / "best_model.pt")
+    ma, _, meta_a = load_model(full / "best_model.pt")
     mb, _, meta_b = load_model(part / "best_model.pt")
     assert meta_b["round"] == full_best["round"]
+    cal_a, cal_b = meta_a["calibration"]["memory"], meta_b["calibration"]["memory"]  # the calibration too
+    assert cal_a["threshold"] == cal_b["threshold"] and cal_a["slope"] == pytest.approx(cal_b["slope"], abs=1e-6)
+    assert run_outputs.load_latest(part, cfg2).calibration["memory"]["source"] == cal_b["source"]
     for k, v in ma.state_dict().items():
         assert torch.allclose(v.float(), mb.state_dict()[k].float(), atol=1e-6, rtol=0), k
 

@@ -13,6 +13,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Message, RecordDict
@@ -176,6 +177,50 @@ def test_minimum_counts_apply_without_dp(tiny, tmp_path):
     assert row["privacy"]["epsilon"] is None and row["privacy"]["epsilon_by_site"] == {}
     assert result["privacy"]["enabled"] is False and math.isnan(result["privacy"]["epsilon"])
     assert json.loads((tmp_path / "summary.json").read_text())["privacy"]["epsilon"] is None
+
+    # the evaluate reply: aggregate metrics and the calibration histograms, nothing else; the histograms are the
+    # site's class-conditional validation counts under the same minimum count, and the audit log records them
+    from momkd_fed.calibration import class_histogram, coarsen_histogram, edges_for
+    from momkd_fed.checkpoint import load_model
+    from momkd_fed.engine import evaluate
+    from client.site_runtime import SiteRuntime
+
+    global_model, _, _ = load_model(tmp_path / "checkpoints" / "round_0001.pt")
+    evals = [(s, r) for s, r in grid.replies if s.metadata.message_type == "evaluate"]
+    assert len(evals) == 3
+    merged_any = False
+    for sent, rep in evals:
+        c = rep.content
+        assert set(c.array_records) == {contract.CALIBRATION_RECORD}
+        assert set(c.metric_records) == {contract.METRICS_RECORD, contract.PERSONAL_METRICS_RECORD}
+        assert set(c.config_records) == {contract.SITE_RECORD}
+        assert set(c.metric_records[contract.METRICS_RECORD]) == set(contract.EVALUATE_METRIC_KEYS)
+        assert set(c.metric_records[contract.PERSONAL_METRICS_RECORD]) == set(contract.PERSONAL_METRIC_KEYS)
+        hist = R.from_record(c.array_records[contract.CALIBRATION_RECORD])
+        assert set(hist) == {"memory"}  # the global classifier is not shared: untrained, no histogram
+        counts = hist["memory"].numpy()
+        assert counts.shape == (2, cfg.calibration.bins)
+        site = R.reply_site(rep)
+        rt = SiteRuntime.load(cfg, RunOptions(), {"partition-id": [s.name for s in cfg.sites].index(site)})
+        val = evaluate(global_model, rt.normalised("val", None, None), torch.device("cpu"))
+        full = class_histogram(val.labels, val.memory_scores, edges_for(cfg, "memory"))
+        rel = coarsen_histogram(full, 3)
+        assert np.allclose(counts, rel.counts, atol=1e-12)
+        assert counts.sum() + sum(rel.withheld) == pytest.approx(len(val.labels))
+        merged_any |= rel.runs < cfg.calibration.bins
+        for cls in (0, 1):  # every run of released counts holds 0 or >= 3 slides of each class
+            row_counts = counts[cls]
+            starts = [0] + [i for i in range(1, len(row_counts)) if not np.allclose(counts[:, i], counts[:, i - 1])]
+            for a, b in zip(starts, starts[1:] + [len(row_counts)]):
+                n = row_counts[a:b].sum()
+                assert n == pytest.approx(0) or n >= 3 - 1e-9
+        line = [x for x in AuditLog.in_folder(_state_dir(tmp_path, site)).read() if x["kind"] == "evaluate"]
+        assert [x["round"] for x in line] == [1]
+        assert line[0]["sent"] == {contract.CALIBRATION_RECORD: {"memory": {
+            "shape": [2, cfg.calibration.bins], "l2": pytest.approx(float(np.linalg.norm(counts)))}}}
+        assert line[0]["extra"]["calibration"]["memory"]["runs"] == rel.runs and line[0]["dp_covers"] == []
+        assert set(line[0]["extra"]["metrics"]) == set(contract.EVALUATE_METRIC_KEYS)
+    assert merged_any  # the minimum count did merge bins somewhere
 
 
 def _nan_weight(content: RecordDict) -> RecordDict:

@@ -54,6 +54,31 @@ def test_simulate_tiny_end_to_end(tmp_path):
     assert page.count("data:image/png;base64,") >= len(pngs)
     assert sorted(p.name for p in (out / "predictions").glob("*.csv")) == [f"test_{s}.csv" for s in sorted(sites)]
 
+    # the numbers a user reads are those of the file they use: predict reproduces them, head named, to 1e-6
+    from momkd_fed.config import load_config
+    from test_flower_inprocess import predict_test_slides
+
+    assert "probability" not in (out / "predictions" / "test_hospital_a.csv").read_text().splitlines()[0]
+    cfg = load_config(out / "data" / "federation.yaml")
+    models = summary["models"]
+    assert summary["test_auc_head"] == "memory" and "memory head" in summary["test_auc_model"]
+    for file, expected in (("global_model.pt", summary["test_auc"]["pooled"]),
+                           ("best_model.pt", models["best_model.pt"]["test_auc"]["pooled"])):
+        assert models[file]["label"].startswith(f"global model ({file}, round ")
+        assert models[file]["label"].endswith("memory head")
+        auc_raw, auc_prob, rep = predict_test_slides(out / file, cfg, sorted(sites), tmp_path / file)
+        assert rep.head == "memory" and rep.calibration is not None
+        assert auc_raw == pytest.approx(expected, abs=1e-6) and auc_prob == pytest.approx(expected, abs=1e-6)
+        ece = models[file]["test_ece_pooled"]["memory"]
+        assert 0 <= ece["calibrated"] <= 1 and 0 <= ece["raw"] <= 1
+    personal = models["personal_model.pt"]
+    site = "hospital_c"  # the histology-only site
+    (path,) = (out / "site_state" / site / summary["run_key"]).glob("personal_model.pt")
+    auc_raw, auc_prob, rep = predict_test_slides(path, cfg, [site], tmp_path / "personal")
+    assert rep.head == "classifier" and "personal model" in personal["label"] and "classifier" in personal["label"]
+    assert auc_raw == pytest.approx(personal["test_auc"][site], abs=1e-6)
+    assert auc_prob == pytest.approx(auc_raw, abs=1e-6)
+
 
 def test_simulate_resume_matches_uninterrupted(tmp_path):
     """Real engine: 1 round, then resume to 2 rounds == 2 rounds in one go (in-process reference), to 1e-6."""

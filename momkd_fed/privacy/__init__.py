@@ -30,7 +30,10 @@ the few sites of a hospital federation its noise swamps the update unless z is s
 
 What the epsilon covers (``settings.dp_covers``): the memory release of each training round ("memory") and,
 when update noise is on, the shared weights ("shared_weights"). It does *not* cover: the metrics of a reply
-(slide counts, losses, AUCs), the one-off federated k-means initialisation (its ``kmeans_step`` replies have the
+(slide counts, losses, AUCs), the calibration histograms of the evaluate reply (class-conditional counts of the
+global model's validation scores on fixed bins, runs merged under ``federation.min_slot_count``,
+``momkd_fed.calibration.coarsen_histogram``; audited with every evaluate reply), the one-off federated k-means
+initialisation (its ``kmeans_step`` replies have the
 same sums/counts structure and can be released through ``SlotAccumulator`` + ``privatize_memory`` with one
 accountant step each; ``kmeans_seed`` sends local centroids and has no DP variant here), the genomic
 normalisation moments, and the shared weights when update noise is off. The audit log records ``dp_covers``
