@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"simulation seed {seed} momentum {mom} did not complete: {status} "
                                  f"(see {run_dir / 'flower' / 'run.log'})")
             rows = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines() if x.strip()]
-            mem = [r["test_auc"]["pooled"] for r in rows]
+            # the memory head's slide-weighted mean (the rows' test_auc is the primary head: here the shared classifier)
+            mem = [r["evaluate_aggregate"]["global_test_auc_memory"] for r in rows]
             clf = [r["test_auc_personal"]["pooled"] for r in rows]
             ce = [r["train_aggregate"].get("loss_ce", float("nan")) for r in rows]
             lines.append(f"| {seed} | {mom:g} | {a.server_lr:g} | {' '.join(f'{x:.3f}' for x in mem)} | {mem[-1]:.3f} "

@@ -27,7 +27,7 @@ from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.selection import monitor_key, pooled_validation
 from momkd_fed.federation.sharing import partition_state, validate_sharing
-from momkd_fed.heads import global_model_heads, model_label, primary_head
+from momkd_fed.heads import TRAINED, global_model_heads, model_label, primary_head
 from momkd_fed.privacy import check_privacy
 from momkd_fed.run_log import (BEST_MODEL_FILE, CONFIG_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, SUMMARY_FILE,
                                append_round, read_rounds, slide_weighted_mean, truncate_rounds, write_json_atomic)
@@ -146,12 +146,13 @@ def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds:
     per_head = _test_auc_by_head(rows[-1] if rows else {})
     best_row = next((r for r in rows if r["round"] == state.best.round), {})
     heads = global_model_heads(cfg)
-    head = primary_head(heads) or "memory"
+    head = primary_head(heads) or ("memory" if "memory" in heads else "classifier")
+    untrained = "" if heads.get(head) == TRAINED else " (untrained: no global head to report)"
     key = contract.TEST_AUC if head == "classifier" else contract.TEST_AUC_MEMORY
     files = _personal_files(rows)
     personal = _auc_map({s: f["test_auc"] for s, f in files.items()}, {s: f["test_slides"] for s, f in files.items()})
-    last_label = model_label(f"global model ({GLOBAL_MODEL_FILE}, round {state.round})", head)
-    best_label = model_label(f"global model ({BEST_MODEL_FILE}, round {state.best.round})", head)
+    last_label = model_label(f"global model ({GLOBAL_MODEL_FILE}, round {state.round})", head) + untrained
+    best_label = model_label(f"global model ({BEST_MODEL_FILE}, round {state.best.round})", head) + untrained
     personal_label = model_label(f"personal models ({PERSONAL_MODEL_FILE} at each site, its own best round)",
                                  "classifier")
     best_auc = _test_auc_by_head(best_row).get(f"global_{key}", {})

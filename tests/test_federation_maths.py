@@ -289,6 +289,26 @@ def test_train_metrics_contract():
         contract.evaluate_metrics(4, 0.7, 0.6, 0.5, -1, 0.8, 0.75)
     arrs = contract.to_numpy({"x": torch.ones(2, dtype=torch.bfloat16)})
     assert arrs["x"].dtype == np.float32 and torch.equal(contract.from_numpy(arrs)["x"], torch.ones(2))
+    p = contract.personal_metrics(e, 2, 0.9, 0.85)
+    assert tuple(p) == contract.PERSONAL_METRIC_KEYS and p[contract.PERSONAL_FILE_ROUND] == 2
+    assert contract.check_metrics(p, "personal") == p
+    with pytest.raises(KeyError, match="missing"):
+        contract.check_metrics(e, "personal")
+
+
+def test_calibration_record_contract():
+    good = {"memory": np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.5]])}
+    out = contract.check_calibration(good, ["memory"], 3, val_slides=7)
+    assert out["memory"].dtype == np.float64 and np.array_equal(out["memory"], good["memory"])
+    assert contract.check_calibration({}, [], 3, 0) == {}  # no trained global head: nothing sent
+    with pytest.raises(KeyError, match="unknown \\['classifier'\\]"):
+        contract.check_calibration({**good, "classifier": good["memory"]}, ["memory"], 3, 7)
+    with pytest.raises(ValueError, match="shape"):
+        contract.check_calibration(good, ["memory"], 4, 7)
+    with pytest.raises(ValueError, match="negative or non-finite"):
+        contract.check_calibration({"memory": -good["memory"]}, ["memory"], 3, 7)
+    with pytest.raises(ValueError, match="6.5 slides, the site has 5"):
+        contract.check_calibration(good, ["memory"], 3, 5)
 
 
 # ---- one round, composed -----------------------------------------------------------------------------------------

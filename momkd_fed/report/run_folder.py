@@ -14,6 +14,7 @@ federated run (``rounds.jsonl`` and/or ``summary.json``)
                        ``privacy.epsilon``. A site-major layout, ``sites.<site>.{train, eval_global, eval_personal,
                        bytes_sent, bytes_received}``, is read as well.
     ``summary.json``   ``rounds_completed``, ``test_auc`` {"pooled": x, "<site>": y}, ``test_auc_by_head``,
+                       ``models`` (per model file: ``label`` naming file, round and head, ``test_auc``),
                        ``best`` (``round``: marked on the AUC plot), ``baselines`` (see :mod:`.comparison`).
 train run (``epochs.jsonl`` and/or ``metrics.json``)
     ``epochs.jsonl``   one object per epoch: ``epoch``, ``train_<term>`` (or ``loss_<term>``) losses, ``val_auc``,
