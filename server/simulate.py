@@ -3,12 +3,12 @@
 Steps: (synthesise the tiny federation when no config is given) -> write the Flower app folder with the run's
 config -> start a private simulation SuperLink -> ``flwr run`` -> print one table row per round as
 ``rounds.jsonl`` grows -> read the final status -> stop every Flower/Ray process (also on failure or Ctrl-C) ->
-pooled test AUC over all sites' test slides (possible here only because a simulation holds every site's data)
--> optional baselines (each site alone, all sites pooled; MoMKD and ABMIL) -> ``summary.json``.
+pooled test AUC and calibration error of every model file over all sites' test slides (possible here only because
+a simulation holds every site's data) -> optional baselines (each site alone, all sites pooled; MoMKD and ABMIL) -> ``summary.json``.
 
 Run folder (``out_dir``): see :mod:`momkd_fed.run_log`; in addition ``data/`` (synthetic cohort),
-``site_state/`` (the virtual sites' private state), ``flower/`` (app folder, SuperLink log, the run's log),
-``baselines/``.
+``site_state/`` (the virtual sites' private state; ``site_state/<site>/<run key>/personal_model.pt`` is each
+site's personal model), ``flower/`` (app folder, SuperLink log, the run's log), ``baselines/``.
 """
 
 from __future__ import annotations
