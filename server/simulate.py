@@ -93,8 +93,8 @@ class RoundTable:
 
     def header(self) -> None:
         cols = "".join(f"{s:>{self.width + 2}}" for s in self.sites)
-        self.console.print(f"test AUC per round: {model_label('global model', self.head)} / "
-                           f"{model_label('personalised model', 'classifier')}; pooled: global model")
+        self.console.print(f"test AUC: {model_label('global model', self.head)} / "
+                           f"{model_label('personalised model', 'classifier')}")
         self.console.print(f"[bold]{'round':>5} {'sec':>6} {'loss':>7}{cols}{'pooled':>9}[/bold]")
         self.console.print(f"{'':>20}" + "".join(f"{'global/personal':>{self.width + 2}}" for _ in self.sites)
                            + f"{'global':>9}")
