@@ -97,6 +97,11 @@ def measure(cfg, n_genes: int) -> list[dict]:
     side = RecordDict({contract.METRICS_RECORD: R.metrics_record(metrics),
                        R.SITE_RECORD: R.site_record("hospital_name", True, n_genes, 40, 10)})
     full = RecordDict({contract.ARRAYS_RECORD: R.to_record(sd)})
+    # the evaluate reply's only arrays: the calibration histograms of the global model's trained heads, float64
+    from momkd_fed.heads import TRAINED, global_model_heads
+
+    calibration = RecordDict({contract.CALIBRATION_RECORD: R.to_record(
+        {h: np.zeros((2, cfg.calibration.bins)) for h, st in global_model_heads(cfg).items() if st == TRAINED})})
 
     state = ServerState(round=0, shared=glob, slots=sd.get("memory.slots"),
                         momentum=FedAvgMState(cfg.federation.server_lr, cfg.federation.server_momentum),
@@ -128,6 +133,7 @@ def measure(cfg, n_genes: int) -> list[dict]:
                 "reply_payload_ema": R.record_bytes(reply["ema"]),
                 "full_model": R.record_bytes(full), "full_model_serialised": serialised_bytes(full),
                 "down_payload": down, "down_serialised": down_ser, "down_first_payload": down_first,
+                "evaluate_reply_payload": R.record_bytes(calibration),
             })
     return rows
 
@@ -169,7 +175,8 @@ def crosscheck(out: Path, wires: list[str]) -> list[dict]:
                 c = calc[("paired" if paired else "histology-only", wire)]
                 sent = c["down_first_payload"] if row["round"] == 1 else c["down_payload"]
                 lines.append({"wire": wire, "round": row["round"], "site": site, "paired": paired,
-                              "logged_received": row["bytes_received"][site], "computed_received": c["reply_payload"],
+                              "logged_received": row["bytes_received"][site],
+                              "computed_received": c["reply_payload"] + c["evaluate_reply_payload"],
                               "logged_sent": row["bytes_sent"][site], "computed_sent": sent,
                               "memory_update": cfg.memory.update, "seconds": time.perf_counter() - t0})
     return lines
