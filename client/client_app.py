@@ -38,7 +38,20 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
+def _site_logging() -> None:
+    """Show this package's INFO lines (the round summary, where the personal model was written) in the ClientApp's
+    output, which otherwise shows warnings only; once per process."""
+    lg = logging.getLogger("client")
+    if not any(getattr(h, "_momkd_site", False) for h in lg.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._momkd_site = True  # type: ignore[attr-defined]
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+
+
 def _runtime(context: Context) -> SiteRuntime:
+    _site_logging()
     cfg, opts = split_run_config(context.run_config)
     if cfg.train.threads:
         set_threads(cfg.train.threads)
