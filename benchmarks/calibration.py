@@ -27,7 +27,8 @@ Usage::
     python benchmarks/calibration.py --preset tiny --out runs/calib_tiny
     python benchmarks/calibration.py --preset tcga-brca --task her2 --out runs/calib_her2
 
-Resumable: a part whose ``<out>/<part>.json`` exists is not rerun. Results: ``<out>/results.json`` and the rows
+Resumable: a part whose ``<out>/<part>.json`` exists is not rerun; a federated run stopped part-way resumes from
+its last round checkpoint. Results: ``<out>/results.json`` and the rows
 printed as markdown.
 """
 
@@ -133,7 +134,8 @@ def run_federated(cfg: Config, out: Path) -> dict:
     from server.simulate import personal_model_paths, run_simulation
 
     t0 = time.perf_counter()
-    status, summary = run_simulation(cfg, out / "federated")
+    resume = (out / "federated" / "checkpoints").is_dir()  # a run stopped part-way continues from its checkpoint
+    status, summary = run_simulation(cfg, out / "federated", resume=resume)
     if summary is None:
         raise RuntimeError(f"federated run did not complete: {status}")
     res = {"seconds": time.perf_counter() - t0, "rounds": summary["rounds_completed"],

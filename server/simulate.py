@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -152,7 +153,11 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
             now = time.monotonic()
             if now - last >= STATUS_EVERY or (out_dir / SUMMARY_FILE).exists():
                 last = now
-                status = link.status(run_id)
+                try:
+                    status = link.status(run_id)
+                except subprocess.TimeoutExpired as exc:  # `flwr ls` starved of CPU on a loaded machine: ask again
+                    log.warning("run status not known yet (%s); asking again in %.0f s", exc, STATUS_EVERY)
+                    continue
                 if status.startswith(FINISHED):
                     for row in iter_rounds(rounds_path, offset):
                         if table is not None:
