@@ -93,6 +93,11 @@ class LossConfig:
     align_beta: float = 20.0  # beta in softplus(beta * (m -/+ delta))
     align_margin: float = 0.3  # m
     ortho_weight: float = 10.0  # weight of the orthogonality penalty inside the memory loss
+    # the slot the commitment MSE pulls each patch toward (gradient mode): raw = the reference's (nearest slot of
+    # C_y by Euclidean distance to the raw slot vector, MSE against it, gradient to patches and slot); normalized =
+    # nearest by cosine, MSE against the unit slot, gradient to both; detached = as normalized, patches only. ema and
+    # frozen slots are unit-norm buffers, so the three coincide there (the patches move, the slots do not)
+    commit_slot: Literal["raw", "normalized", "detached"] = "raw"
 
 
 @dataclass

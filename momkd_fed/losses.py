@@ -1,7 +1,8 @@
 """MoMKD loss terms (method.md, "Losses") as pure functions, and the named breakdown a training step returns.
 
-All functions take unit-norm embeddings and unit-norm memory slots and compute in float32. Which tensors are
-detached is part of each function's contract (it decides where gradients flow) and is stated in its docstring.
+All functions take unit-norm embeddings and compute in float32; they take unit-norm memory slots, except
+:func:`commitment_loss`, which takes the stored (raw) slots as the reference does. Which tensors are detached is
+part of each function's contract (it decides where gradients flow) and is stated in its docstring.
 """
 
 from __future__ import annotations
@@ -86,22 +87,45 @@ def alignment_loss(emb: Tensor, memory: Tensor, label: int, t: float, beta: floa
     return F.softplus(beta * (margin - sign * delta))  # ()
 
 
-def commitment_loss(patch_emb: Tensor, slots: Tensor) -> Tensor:
-    """MSE(stopgrad(nearest slot), p_i) averaged over patches and dimensions.
+COMMIT_SLOTS = ("raw", "normalized", "detached")  # LossConfig.commit_slot
 
-    Pulls each patch projection toward its nearest (by cosine) slot of the slide's own class; the slots are
-    detached, so this term never moves the memory.
+
+def commitment_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str = "raw") -> Tensor:
+    """MSE(nearest slot of class y, p_i), averaged over patches and dimensions.
+
+    ``commit_slot`` says which slot and where the gradient goes (``LossConfig.commit_slot``):
+
+    - ``raw`` (the reference: vector-quantize-pytorch's learnable codebook): nearest = smallest Euclidean
+      distance to the raw slot vector, MSE against the raw slot, NOT detached: the term pulls the patches toward
+      the slot and the slot toward the patches assigned to it (online clustering of the class's patches);
+    - ``normalized``: nearest by cosine, MSE against the unit-norm slot, gradient to both (through the
+      normalisation);
+    - ``detached``: as ``normalized`` with the slot detached: only the patches move.
+
+    With unit-norm slots (ema and frozen memories, or a gradient memory right after ``set_slots``) the three give
+    the same value and the same gradient with respect to the patches.
 
     Parameters
     ----------
     patch_emb : Tensor
         (P, S) unit-norm patch projections.
     slots : Tensor
-        (K, S) unit-norm slots of class y.
+        (K, S) the stored slots of class y, raw (not normalised).
+    commit_slot : str
+        One of :data:`COMMIT_SLOTS`.
     """
-    c = slots.detach().float()  # (K, S)
     p = patch_emb.float()  # (P, S)
-    nearest = (p.detach() @ c.T).argmax(dim=1)  # (P,)
+    if commit_slot == "raw":
+        c = slots.float()  # (K, S)
+        cd = c.detach()
+        dist2 = (cd * cd).sum(-1) - 2.0 * (p.detach() @ cd.T)  # (P, K) ||p - c||^2 - ||p||^2
+        return F.mse_loss(p, c[dist2.argmin(dim=1)])  # ()
+    if commit_slot not in COMMIT_SLOTS:
+        raise ValueError(f"commit_slot: expected one of {COMMIT_SLOTS}, got {commit_slot!r}")
+    c = F.normalize(slots.float(), dim=-1)  # (K, S)
+    if commit_slot == "detached":
+        c = c.detach()
+    nearest = (p.detach() @ c.detach().T).argmax(dim=1)  # (P,)
     return F.mse_loss(p, c[nearest])  # ()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,15 +42,66 @@ def test_alignment_reaches_both_class_memories():
     assert mem.grad[0].abs().sum() > 0 and mem.grad[1].abs().sum() > 0
 
 
-def test_commitment_pulls_patches_not_slots():
+def test_commitment_raw_is_the_reference_form_and_moves_the_slot():
+    """raw: nearest slot by Euclidean distance to the RAW slot, MSE against it, gradient to slot and patches."""
     torch.manual_seed(1)
-    slots = unit(4, 8).requires_grad_(True)
+    slots = (torch.randn(4, 8) * torch.tensor([0.3, 1.0, 2.0, 0.6]).unsqueeze(1)).requires_grad_(True)  # norms vary
     p = unit(10, 8).requires_grad_(True)
-    loss = L.commitment_loss(p, slots)
-    nearest = slots.detach()[(p.detach() @ slots.detach().T).argmax(1)]
-    torch.testing.assert_close(loss, ((p.detach() - nearest) ** 2).mean())
+    loss = L.commitment_loss(p, slots, "raw")
+    nearest_raw = torch.cdist(p.detach(), slots.detach()).argmin(1)  # (P,)
+    nearest_cos = (p.detach() @ F.normalize(slots.detach(), dim=-1).T).argmax(1)
+    assert not torch.equal(nearest_raw, nearest_cos)  # the norms matter: this case tells the two rules apart
+    torch.testing.assert_close(loss, ((p.detach() - slots.detach()[nearest_raw]) ** 2).mean())
+    loss.backward()
+    assert p.grad.abs().sum() > 0
+    used = torch.zeros(4, dtype=torch.bool)
+    used[nearest_raw] = True
+    assert slots.grad[used].abs().sum(1).gt(0).all() and slots.grad[~used].abs().sum() == 0  # nearest slots only
+    # the slot's gradient is the MSE's: 2 * sum over its patches of (c - p) / (P * S)
+    expected = torch.zeros(4, 8).index_add_(0, nearest_raw, slots.detach()[nearest_raw] - p.detach()) * 2 / 80
+    torch.testing.assert_close(slots.grad, expected)
+
+
+def test_commitment_detached_pulls_patches_not_slots():
+    torch.manual_seed(1)
+    slots = (2 * unit(4, 8)).requires_grad_(True)
+    p = unit(10, 8).requires_grad_(True)
+    loss = L.commitment_loss(p, slots, "detached")
+    c = F.normalize(slots.detach(), dim=-1)
+    torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
     loss.backward()
     assert slots.grad is None and p.grad.abs().sum() > 0
+
+
+def test_commitment_normalized_moves_the_unit_slot():
+    torch.manual_seed(2)
+    slots = (3 * unit(4, 8)).requires_grad_(True)
+    p = unit(10, 8).requires_grad_(True)
+    loss = L.commitment_loss(p, slots, "normalized")
+    c = F.normalize(slots.detach(), dim=-1)
+    torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
+    loss.backward()
+    assert slots.grad.abs().sum() > 0
+    torch.testing.assert_close((slots.grad * slots.detach()).sum(-1), torch.zeros(4), atol=1e-7, rtol=0)  # radial 0
+
+
+def test_commitment_forms_coincide_on_unit_slots():
+    """On unit-norm slots (ema/frozen buffers, a memory after set_slots) value and patch gradient agree."""
+    torch.manual_seed(3)
+    slots = unit(5, 8)
+    p0 = unit(12, 8)
+    vals, grads = [], []
+    for form in L.COMMIT_SLOTS:
+        p = p0.clone().requires_grad_(True)
+        loss = L.commitment_loss(p, slots, form)
+        loss.backward()
+        vals.append(loss.detach())
+        grads.append(p.grad)
+    for v, g in zip(vals[1:], grads[1:]):
+        torch.testing.assert_close(v, vals[0])
+        torch.testing.assert_close(g, grads[0])
+    with pytest.raises(ValueError, match="commit_slot"):
+        L.commitment_loss(p0, slots, "stopgrad")
 
 
 def test_orthogonality_penalty_zero_iff_orthogonal():

@@ -11,9 +11,10 @@ from momkd_fed.model.momkd import MoMKD
 G = 12
 
 
-def small_model(update: str = "gradient") -> MoMKD:
+def small_model(update: str = "gradient", commit_slot: str = "raw") -> MoMKD:
     cfg = ModelConfig(hidden_dim=16, heads=2, shared_dim=8, omics_hidden=16, omics_embed_dim=12, cls_hidden=32)
-    return MoMKD(cfg, MemoryConfig(slots=4, update=update), LossConfig(), feature_dim=20, n_genes=G)
+    return MoMKD(cfg, MemoryConfig(slots=4, update=update), LossConfig(commit_slot=commit_slot), feature_dim=20,
+                 n_genes=G)
 
 
 def ring_bag(p: int, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +51,11 @@ HISTOLOGY = {"histology_encoder", "patch_proj", "slide_proj", "classifier", "the
 GENOMIC = {"omics_encoder", "omics_proj", "omics_decoder"}
 
 
+@pytest.mark.parametrize("commit_slot", ["raw", "normalized", "detached"])
 @pytest.mark.parametrize("label", [0, 1])
-def test_each_term_reaches_exactly_what_method_md_says(label):
+def test_each_term_reaches_exactly_what_method_md_says(label, commit_slot):
     torch.manual_seed(label)
-    model = small_model().train()
+    model = small_model(commit_slot=commit_slot).train()
     x, nb = ring_bag(30)
     g = torch.randn(G)
     out = model(x, nb, g)
@@ -64,7 +66,11 @@ def test_each_term_reaches_exactly_what_method_md_says(label):
                                             "memory-", "memory+"}
     assert reached(model, lb.recon) == {"omics_encoder", "omics_decoder"}
     own = "memory+" if label == 1 else "memory-"
-    assert reached(model, lb.commit) == {"histology_encoder", "patch_proj"}  # slots detached in commitment
+    # L_mem reaches the histology encoder, W_patch and the memory of class y (gradient mode; the reference's raw
+    # form and the normalised one); the detached variant keeps the slots out of the commitment
+    moved = set() if commit_slot == "detached" else {own}
+    assert reached(model, lb.commit) == {"histology_encoder", "patch_proj"} | moved
+    assert reached(model, lb.mem) == {"histology_encoder", "patch_proj", own}
     assert reached(model, lb.ortho) == {own}  # orthogonality acts on C_y only
     # no cross-talk: histology losses never reach the genomic branch and vice versa
     for term in (lb.ce, lb.align_wsi, lb.commit, lb.ortho):
