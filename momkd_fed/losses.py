@@ -87,22 +87,27 @@ def alignment_loss(emb: Tensor, memory: Tensor, label: int, t: float, beta: floa
     return F.softplus(beta * (margin - sign * delta))  # ()
 
 
-COMMIT_SLOTS = ("raw", "normalized", "detached")  # LossConfig.commit_slot
+COMMIT_SLOTS = ("reference", "cosine", "moving", "moving_cosine")  # LossConfig.commit_slot
 
 
-def commitment_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str = "raw") -> Tensor:
+def commitment_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str = "reference") -> Tensor:
     """MSE(nearest slot of class y, p_i), averaged over patches and dimensions.
 
-    ``commit_slot`` says which slot and where the gradient goes (``LossConfig.commit_slot``):
+    ``commit_slot`` (``LossConfig.commit_slot``) says which slot is nearest, what the MSE is against and whether
+    the slot receives a gradient:
 
-    - ``raw`` (the reference: vector-quantize-pytorch's learnable codebook): nearest = smallest Euclidean
-      distance to the raw slot vector, MSE against the raw slot, NOT detached: the term pulls the patches toward
-      the slot and the slot toward the patches assigned to it (online clustering of the class's patches);
-    - ``normalized``: nearest by cosine, MSE against the unit-norm slot, gradient to both (through the
-      normalisation);
-    - ``detached``: as ``normalized`` with the slot detached: only the patches move.
+    - ``reference`` (the authors' code): nearest = smallest Euclidean distance to the raw slot vector, MSE
+      against the raw slot, slot detached. The reference's ``VectorQuantize(orthogonal_reg_weight=10,
+      ema_update=False)`` makes its codebook a parameter (for the orthogonality loss), but vector-quantize-pytorch
+      1.22.17 detaches the code in the commitment loss unless ``VectorQuantize(learnable_codebook=True)``, which
+      the reference does not set: only the patches move;
+    - ``cosine``: nearest by cosine, MSE against the unit-norm slot, slot detached (the implementation before
+      issue 13);
+    - ``moving``: as ``reference`` with the slot NOT detached: the term also pulls the nearest slot toward its
+      patches (online clustering of the class's patches; not what the reference does);
+    - ``moving_cosine``: as ``cosine`` with the slot not detached (gradient through the normalisation).
 
-    With unit-norm slots (ema and frozen memories, or a gradient memory right after ``set_slots``) the three give
+    With unit-norm slots (ema and frozen memories, or a gradient memory right after ``set_slots``) the four give
     the same value and the same gradient with respect to the patches.
 
     Parameters
@@ -114,18 +119,18 @@ def commitment_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str = "raw") 
     commit_slot : str
         One of :data:`COMMIT_SLOTS`.
     """
-    p = patch_emb.float()  # (P, S)
-    if commit_slot == "raw":
-        c = slots.float()  # (K, S)
-        cd = c.detach()
-        dist2 = (cd * cd).sum(-1) - 2.0 * (p.detach() @ cd.T)  # (P, K) ||p - c||^2 - ||p||^2
-        return F.mse_loss(p, c[dist2.argmin(dim=1)])  # ()
     if commit_slot not in COMMIT_SLOTS:
         raise ValueError(f"commit_slot: expected one of {COMMIT_SLOTS}, got {commit_slot!r}")
-    c = F.normalize(slots.float(), dim=-1)  # (K, S)
-    if commit_slot == "detached":
+    p = patch_emb.float()  # (P, S)
+    if commit_slot in ("reference", "moving"):
+        c = slots.float()  # (K, S) raw
+        cd = c.detach()
+        nearest = ((cd * cd).sum(-1) - 2.0 * (p.detach() @ cd.T)).argmin(dim=1)  # (P,) ||p - c||^2 - ||p||^2
+    else:
+        c = F.normalize(slots.float(), dim=-1)  # (K, S) unit
+        nearest = (p.detach() @ c.detach().T).argmax(dim=1)  # (P,)
+    if commit_slot in ("reference", "cosine"):
         c = c.detach()
-    nearest = (p.detach() @ c.detach().T).argmax(dim=1)  # (P,)
     return F.mse_loss(p, c[nearest])  # ()
 
 
@@ -145,6 +150,31 @@ def orthogonality_penalty(slots: Tensor) -> Tensor:
     c = slots.float()  # (K, S)
     gram = c @ c.T  # (K, K)
     return gram.pow(2).mean() - 1.0 / k  # ()
+
+
+def memory_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str, ortho_weight: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """L_mem of one slide: commitment to class y's memory plus the weighted orthogonality penalty of its slots.
+
+    The reference's ``VectorQuantize`` loss (commitment weight 1, ``orthogonal_reg_weight`` 10).
+
+    Parameters
+    ----------
+    patch_emb : Tensor
+        (P, S) unit-norm patch projections.
+    slots : Tensor
+        (K, S) the stored (raw) slots of class y; normalised here for the orthogonality penalty.
+    commit_slot, ortho_weight : str, float
+        ``LossConfig.commit_slot`` and ``LossConfig.ortho_weight``.
+
+    Returns
+    -------
+    mem, commit, ortho : Tensor
+        () each; ``mem = commit + ortho_weight * ortho``.
+    """
+    commit = commitment_loss(patch_emb, slots, commit_slot)  # ()
+    ortho = orthogonality_penalty(F.normalize(slots.float(), dim=-1))  # ()
+    return commit + ortho_weight * ortho, commit, ortho
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:

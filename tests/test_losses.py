@@ -42,47 +42,62 @@ def test_alignment_reaches_both_class_memories():
     assert mem.grad[0].abs().sum() > 0 and mem.grad[1].abs().sum() > 0
 
 
-def test_commitment_raw_is_the_reference_form_and_moves_the_slot():
-    """raw: nearest slot by Euclidean distance to the RAW slot, MSE against it, gradient to slot and patches."""
+def spread_slots() -> torch.Tensor:
+    """(4, 8) slots whose norms differ (0.3 to 2), so that the Euclidean and the cosine nearest slot differ."""
     torch.manual_seed(1)
-    slots = (torch.randn(4, 8) * torch.tensor([0.3, 1.0, 2.0, 0.6]).unsqueeze(1)).requires_grad_(True)  # norms vary
+    return torch.randn(4, 8) * torch.tensor([0.3, 1.0, 2.0, 0.6]).unsqueeze(1)
+
+
+def test_commitment_reference_is_nearest_raw_slot_detached():
+    """reference: nearest slot by Euclidean distance to the RAW slot, MSE against it, only the patches move."""
+    slots = spread_slots().requires_grad_(True)
     p = unit(10, 8).requires_grad_(True)
-    loss = L.commitment_loss(p, slots, "raw")
+    loss = L.commitment_loss(p, slots, "reference")
     nearest_raw = torch.cdist(p.detach(), slots.detach()).argmin(1)  # (P,)
     nearest_cos = (p.detach() @ F.normalize(slots.detach(), dim=-1).T).argmax(1)
     assert not torch.equal(nearest_raw, nearest_cos)  # the norms matter: this case tells the two rules apart
     torch.testing.assert_close(loss, ((p.detach() - slots.detach()[nearest_raw]) ** 2).mean())
     loss.backward()
-    assert p.grad.abs().sum() > 0
-    used = torch.zeros(4, dtype=torch.bool)
-    used[nearest_raw] = True
-    assert slots.grad[used].abs().sum(1).gt(0).all() and slots.grad[~used].abs().sum() == 0  # nearest slots only
-    # the slot's gradient is the MSE's: 2 * sum over its patches of (c - p) / (P * S)
-    expected = torch.zeros(4, 8).index_add_(0, nearest_raw, slots.detach()[nearest_raw] - p.detach()) * 2 / 80
+    assert slots.grad is None and p.grad.abs().sum() > 0
+
+
+def test_commitment_moving_adds_the_slot_gradient_only():
+    """moving: the reference's value and patch gradient, plus the MSE's gradient on the nearest slots."""
+    slots = spread_slots().requires_grad_(True)
+    p0 = unit(10, 8)
+    p_ref, p_mov = p0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+    ref, mov = L.commitment_loss(p_ref, slots, "reference"), L.commitment_loss(p_mov, slots, "moving")
+    torch.testing.assert_close(mov, ref)
+    ref.backward()
+    mov.backward()
+    torch.testing.assert_close(p_mov.grad, p_ref.grad)
+    nearest = torch.cdist(p0, slots.detach()).argmin(1)  # (P,)
+    # 2 * sum over the slot's patches of (c - p) / (P * S); slots nobody chose get nothing
+    expected = torch.zeros(4, 8).index_add_(0, nearest, slots.detach()[nearest] - p0) * 2 / 80
     torch.testing.assert_close(slots.grad, expected)
+    assert slots.grad[nearest].abs().sum(1).gt(0).all()
 
 
-def test_commitment_detached_pulls_patches_not_slots():
-    torch.manual_seed(1)
-    slots = (2 * unit(4, 8)).requires_grad_(True)
+def test_commitment_cosine_pulls_patches_not_slots():
+    slots = spread_slots().requires_grad_(True)
     p = unit(10, 8).requires_grad_(True)
-    loss = L.commitment_loss(p, slots, "detached")
+    loss = L.commitment_loss(p, slots, "cosine")
     c = F.normalize(slots.detach(), dim=-1)
     torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
     loss.backward()
     assert slots.grad is None and p.grad.abs().sum() > 0
 
 
-def test_commitment_normalized_moves_the_unit_slot():
-    torch.manual_seed(2)
-    slots = (3 * unit(4, 8)).requires_grad_(True)
+def test_commitment_moving_cosine_moves_the_unit_slot():
+    slots = spread_slots().requires_grad_(True)
     p = unit(10, 8).requires_grad_(True)
-    loss = L.commitment_loss(p, slots, "normalized")
+    loss = L.commitment_loss(p, slots, "moving_cosine")
     c = F.normalize(slots.detach(), dim=-1)
     torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
     loss.backward()
     assert slots.grad.abs().sum() > 0
-    torch.testing.assert_close((slots.grad * slots.detach()).sum(-1), torch.zeros(4), atol=1e-7, rtol=0)  # radial 0
+    radial = (slots.grad * slots.detach()).sum(-1)  # through the normalisation: no radial component
+    torch.testing.assert_close(radial, torch.zeros(4), atol=1e-7, rtol=0)
 
 
 def test_commitment_forms_coincide_on_unit_slots():
@@ -102,6 +117,15 @@ def test_commitment_forms_coincide_on_unit_slots():
         torch.testing.assert_close(g, grads[0])
     with pytest.raises(ValueError, match="commit_slot"):
         L.commitment_loss(p0, slots, "stopgrad")
+
+
+def test_memory_loss_is_commitment_plus_weighted_orthogonality_on_unit_slots():
+    slots = spread_slots()
+    p = unit(6, 8)
+    mem, commit, ortho = L.memory_loss(p, slots, "reference", 10.0)
+    torch.testing.assert_close(commit, L.commitment_loss(p, slots, "reference"))
+    torch.testing.assert_close(ortho, L.orthogonality_penalty(F.normalize(slots, dim=-1)))
+    torch.testing.assert_close(mem, commit + 10.0 * ortho)
 
 
 def test_orthogonality_penalty_zero_iff_orthogonal():

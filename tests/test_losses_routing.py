@@ -11,7 +11,7 @@ from momkd_fed.model.momkd import MoMKD
 G = 12
 
 
-def small_model(update: str = "gradient", commit_slot: str = "raw") -> MoMKD:
+def small_model(update: str = "gradient", commit_slot: str = "reference") -> MoMKD:
     cfg = ModelConfig(hidden_dim=16, heads=2, shared_dim=8, omics_hidden=16, omics_embed_dim=12, cls_hidden=32)
     return MoMKD(cfg, MemoryConfig(slots=4, update=update), LossConfig(commit_slot=commit_slot), feature_dim=20,
                  n_genes=G)
@@ -51,7 +51,7 @@ HISTOLOGY = {"histology_encoder", "patch_proj", "slide_proj", "classifier", "the
 GENOMIC = {"omics_encoder", "omics_proj", "omics_decoder"}
 
 
-@pytest.mark.parametrize("commit_slot", ["raw", "normalized", "detached"])
+@pytest.mark.parametrize("commit_slot", ["reference", "cosine", "moving", "moving_cosine"])
 @pytest.mark.parametrize("label", [0, 1])
 def test_each_term_reaches_exactly_what_method_md_says(label, commit_slot):
     torch.manual_seed(label)
@@ -66,9 +66,9 @@ def test_each_term_reaches_exactly_what_method_md_says(label, commit_slot):
                                             "memory-", "memory+"}
     assert reached(model, lb.recon) == {"omics_encoder", "omics_decoder"}
     own = "memory+" if label == 1 else "memory-"
-    # L_mem reaches the histology encoder, W_patch and the memory of class y (gradient mode; the reference's raw
-    # form and the normalised one); the detached variant keeps the slots out of the commitment
-    moved = set() if commit_slot == "detached" else {own}
+    # L_mem reaches the histology encoder, W_patch and the memory of class y (gradient mode): the memory through
+    # the orthogonality term; through the commitment too only in the moving variants (the reference detaches it)
+    moved = {own} if commit_slot.startswith("moving") else set()
     assert reached(model, lb.commit) == {"histology_encoder", "patch_proj"} | moved
     assert reached(model, lb.mem) == {"histology_encoder", "patch_proj", own}
     assert reached(model, lb.ortho) == {own}  # orthogonality acts on C_y only
