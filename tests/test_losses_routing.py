@@ -121,3 +121,22 @@ def test_buffer_memory_gets_no_gradient_and_is_not_a_parameter(update):
     lb.total.backward()
     assert "memory.slots" not in dict(model.named_parameters())
     assert model.memory.slots.grad is None
+
+
+@pytest.mark.parametrize("update", ["ema", "frozen"])
+def test_commit_slot_makes_no_difference_to_a_buffer_memory(update):
+    """ema and frozen slots are unit-norm buffers: every commit_slot gives the same loss and patch gradients."""
+    x, nb = ring_bag(15)
+    g = torch.randn(G)
+    results = []
+    for commit_slot in ("reference", "cosine", "moving", "moving_cosine"):
+        torch.manual_seed(7)
+        model = small_model(update, commit_slot).train()
+        torch.manual_seed(8)  # the same dropout draws
+        lb = model.loss(model(x, nb, g), 1, g)
+        lb.total.backward()
+        results.append((lb.commit.detach(), model.patch_proj.weight.grad.clone()))
+        assert model.memory.slots.grad is None
+    for commit, grad in results[1:]:
+        torch.testing.assert_close(commit, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])
