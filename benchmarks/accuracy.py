@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import math
@@ -420,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             if same and r.get("histology_only", False) == a.histology_only:
                 done[(r["task"], r["seed"], r["setting"], r["model"], r["variant"])] = r
     rows = list(done.values())
+    ov_tag = hashlib.sha1(json.dumps([ov, a.histology_only], sort_keys=True, default=str).encode()).hexdigest()[:8]
     genomic, histo = {}, {}
     for task in a.tasks:
         base = with_overrides(load_config(cohort(a, task)), ov)
@@ -433,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                 key = (task, seed, setting, model, variant)
                 if key in done:
                     continue
-                run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{model}-{variant}"
+                # the overrides' hash keeps apart runs of other --set / --histology-only invocations sharing --out
+                run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{model}-{variant}-{ov_tag}"
                 t0 = time.perf_counter()
                 row = {"task": task, "seed": seed, "setting": setting, "model": model, "variant": variant,
                        "overrides": ov, **({"histology_only": True} if a.histology_only else {})}

@@ -93,6 +93,12 @@ class LossConfig:
     align_beta: float = 20.0  # beta in softplus(beta * (m -/+ delta))
     align_margin: float = 0.3  # m
     ortho_weight: float = 10.0  # weight of the orthogonality penalty inside the memory loss
+    # the slot the commitment MSE pulls each patch toward (method.md, losses.commitment_loss): reference = the
+    # authors' code (nearest slot of C_y by Euclidean distance to the raw slot vector, MSE against it, slot
+    # detached); cosine = nearest by cosine, MSE against the unit slot, detached (before issue 13); moving /
+    # moving_cosine = as reference / cosine but the slot is not detached (it also moves toward its patches). ema
+    # and frozen slots are unit-norm buffers: all four coincide there (the patches move, the slots do not)
+    commit_slot: Literal["reference", "cosine", "moving", "moving_cosine"] = "reference"
 
 
 @dataclass

@@ -30,12 +30,12 @@ class FieldDoc:
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """Field name -> its comment in the class source (trailing, or on the line above)."""
+    """Field name -> its comment in the class source (trailing, or the comment lines right above it, joined)."""
     out: dict[str, str] = {}
     above = ""
     for line in inspect.getsource(cls).splitlines():
-        if re.match(r"^\s{4}#", line):
-            above = line.strip().lstrip("#").strip()
+        if re.match(r"^\s{4}#", line):  # a comment block above a field: its lines joined
+            above = f"{above} {line.strip().lstrip('#').strip()}".strip()
             continue
         m = re.match(r"^\s{4}(\w+):([^#]*)(?:#\s*(.*))?$", line)
         if m:

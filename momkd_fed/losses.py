@@ -1,7 +1,8 @@
 """MoMKD loss terms (method.md, "Losses") as pure functions, and the named breakdown a training step returns.
 
-All functions take unit-norm embeddings and unit-norm memory slots and compute in float32. Which tensors are
-detached is part of each function's contract (it decides where gradients flow) and is stated in its docstring.
+All functions take unit-norm embeddings and compute in float32; they take unit-norm memory slots, except
+:func:`commitment_loss`, which takes the stored (raw) slots as the reference does. Which tensors are detached is
+part of each function's contract (it decides where gradients flow) and is stated in its docstring.
 """
 
 from __future__ import annotations
@@ -86,22 +87,50 @@ def alignment_loss(emb: Tensor, memory: Tensor, label: int, t: float, beta: floa
     return F.softplus(beta * (margin - sign * delta))  # ()
 
 
-def commitment_loss(patch_emb: Tensor, slots: Tensor) -> Tensor:
-    """MSE(stopgrad(nearest slot), p_i) averaged over patches and dimensions.
+COMMIT_SLOTS = ("reference", "cosine", "moving", "moving_cosine")  # LossConfig.commit_slot
 
-    Pulls each patch projection toward its nearest (by cosine) slot of the slide's own class; the slots are
-    detached, so this term never moves the memory.
+
+def commitment_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str = "reference") -> Tensor:
+    """MSE(nearest slot of class y, p_i), averaged over patches and dimensions.
+
+    ``commit_slot`` (``LossConfig.commit_slot``) says which slot is nearest, what the MSE is against and whether
+    the slot receives a gradient:
+
+    - ``reference`` (the authors' code): nearest = smallest Euclidean distance to the raw slot vector, MSE
+      against the raw slot, slot detached. The reference's ``VectorQuantize(orthogonal_reg_weight=10,
+      ema_update=False)`` makes its codebook a parameter (for the orthogonality loss), but vector-quantize-pytorch
+      1.22.17 detaches the code in the commitment loss unless ``VectorQuantize(learnable_codebook=True)``, which
+      the reference does not set: only the patches move;
+    - ``cosine``: nearest by cosine, MSE against the unit-norm slot, slot detached (the implementation before
+      issue 13);
+    - ``moving``: as ``reference`` with the slot NOT detached: the term also pulls the nearest slot toward its
+      patches (online clustering of the class's patches; not what the reference does);
+    - ``moving_cosine``: as ``cosine`` with the slot not detached (gradient through the normalisation).
+
+    With unit-norm slots (ema and frozen memories, or a gradient memory right after ``set_slots``) the four give
+    the same value and the same gradient with respect to the patches.
 
     Parameters
     ----------
     patch_emb : Tensor
         (P, S) unit-norm patch projections.
     slots : Tensor
-        (K, S) unit-norm slots of class y.
+        (K, S) the stored slots of class y, raw (not normalised).
+    commit_slot : str
+        One of :data:`COMMIT_SLOTS`.
     """
-    c = slots.detach().float()  # (K, S)
+    if commit_slot not in COMMIT_SLOTS:
+        raise ValueError(f"commit_slot: expected one of {COMMIT_SLOTS}, got {commit_slot!r}")
     p = patch_emb.float()  # (P, S)
-    nearest = (p.detach() @ c.T).argmax(dim=1)  # (P,)
+    if commit_slot in ("reference", "moving"):
+        c = slots.float()  # (K, S) raw
+        cd = c.detach()
+        nearest = ((cd * cd).sum(-1) - 2.0 * (p.detach() @ cd.T)).argmin(dim=1)  # (P,) ||p - c||^2 - ||p||^2
+    else:
+        c = F.normalize(slots.float(), dim=-1)  # (K, S) unit
+        nearest = (p.detach() @ c.detach().T).argmax(dim=1)  # (P,)
+    if commit_slot in ("reference", "cosine"):
+        c = c.detach()
     return F.mse_loss(p, c[nearest])  # ()
 
 
@@ -121,6 +150,31 @@ def orthogonality_penalty(slots: Tensor) -> Tensor:
     c = slots.float()  # (K, S)
     gram = c @ c.T  # (K, K)
     return gram.pow(2).mean() - 1.0 / k  # ()
+
+
+def memory_loss(patch_emb: Tensor, slots: Tensor, commit_slot: str, ortho_weight: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """L_mem of one slide: commitment to class y's memory plus the weighted orthogonality penalty of its slots.
+
+    The reference's ``VectorQuantize`` loss (commitment weight 1, ``orthogonal_reg_weight`` 10).
+
+    Parameters
+    ----------
+    patch_emb : Tensor
+        (P, S) unit-norm patch projections.
+    slots : Tensor
+        (K, S) the stored (raw) slots of class y; normalised here for the orthogonality penalty.
+    commit_slot, ortho_weight : str, float
+        ``LossConfig.commit_slot`` and ``LossConfig.ortho_weight``.
+
+    Returns
+    -------
+    mem, commit, ortho : Tensor
+        () each; ``mem = commit + ortho_weight * ortho``.
+    """
+    commit = commitment_loss(patch_emb, slots, commit_slot)  # ()
+    ortho = orthogonality_penalty(F.normalize(slots.float(), dim=-1))  # ()
+    return commit + ortho_weight * ortho, commit, ortho
 
 
 def reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:

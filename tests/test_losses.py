@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -41,15 +42,90 @@ def test_alignment_reaches_both_class_memories():
     assert mem.grad[0].abs().sum() > 0 and mem.grad[1].abs().sum() > 0
 
 
-def test_commitment_pulls_patches_not_slots():
+def spread_slots() -> torch.Tensor:
+    """(4, 8) slots whose norms differ (0.3 to 2), so that the Euclidean and the cosine nearest slot differ."""
     torch.manual_seed(1)
-    slots = unit(4, 8).requires_grad_(True)
+    return torch.randn(4, 8) * torch.tensor([0.3, 1.0, 2.0, 0.6]).unsqueeze(1)
+
+
+def test_commitment_reference_is_nearest_raw_slot_detached():
+    """reference: nearest slot by Euclidean distance to the RAW slot, MSE against it, only the patches move."""
+    slots = spread_slots().requires_grad_(True)
     p = unit(10, 8).requires_grad_(True)
-    loss = L.commitment_loss(p, slots)
-    nearest = slots.detach()[(p.detach() @ slots.detach().T).argmax(1)]
-    torch.testing.assert_close(loss, ((p.detach() - nearest) ** 2).mean())
+    loss = L.commitment_loss(p, slots, "reference")
+    nearest_raw = torch.cdist(p.detach(), slots.detach()).argmin(1)  # (P,)
+    nearest_cos = (p.detach() @ F.normalize(slots.detach(), dim=-1).T).argmax(1)
+    assert not torch.equal(nearest_raw, nearest_cos)  # the norms matter: this case tells the two rules apart
+    torch.testing.assert_close(loss, ((p.detach() - slots.detach()[nearest_raw]) ** 2).mean())
     loss.backward()
     assert slots.grad is None and p.grad.abs().sum() > 0
+
+
+def test_commitment_moving_adds_the_slot_gradient_only():
+    """moving: the reference's value and patch gradient, plus the MSE's gradient on the nearest slots."""
+    slots = spread_slots().requires_grad_(True)
+    p0 = unit(10, 8)
+    p_ref, p_mov = p0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+    ref, mov = L.commitment_loss(p_ref, slots, "reference"), L.commitment_loss(p_mov, slots, "moving")
+    torch.testing.assert_close(mov, ref)
+    ref.backward()
+    mov.backward()
+    torch.testing.assert_close(p_mov.grad, p_ref.grad)
+    nearest = torch.cdist(p0, slots.detach()).argmin(1)  # (P,)
+    # 2 * sum over the slot's patches of (c - p) / (P * S); slots nobody chose get nothing
+    expected = torch.zeros(4, 8).index_add_(0, nearest, slots.detach()[nearest] - p0) * 2 / 80
+    torch.testing.assert_close(slots.grad, expected)
+    assert slots.grad[nearest].abs().sum(1).gt(0).all()
+
+
+def test_commitment_cosine_pulls_patches_not_slots():
+    slots = spread_slots().requires_grad_(True)
+    p = unit(10, 8).requires_grad_(True)
+    loss = L.commitment_loss(p, slots, "cosine")
+    c = F.normalize(slots.detach(), dim=-1)
+    torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
+    loss.backward()
+    assert slots.grad is None and p.grad.abs().sum() > 0
+
+
+def test_commitment_moving_cosine_moves_the_unit_slot():
+    slots = spread_slots().requires_grad_(True)
+    p = unit(10, 8).requires_grad_(True)
+    loss = L.commitment_loss(p, slots, "moving_cosine")
+    c = F.normalize(slots.detach(), dim=-1)
+    torch.testing.assert_close(loss, ((p.detach() - c[(p.detach() @ c.T).argmax(1)]) ** 2).mean())
+    loss.backward()
+    assert slots.grad.abs().sum() > 0
+    radial = (slots.grad * slots.detach()).sum(-1)  # through the normalisation: no radial component
+    torch.testing.assert_close(radial, torch.zeros(4), atol=1e-7, rtol=0)
+
+
+def test_commitment_forms_coincide_on_unit_slots():
+    """On unit-norm slots (ema/frozen buffers, a memory after set_slots) value and patch gradient agree."""
+    torch.manual_seed(3)
+    slots = unit(5, 8)
+    p0 = unit(12, 8)
+    vals, grads = [], []
+    for form in L.COMMIT_SLOTS:
+        p = p0.clone().requires_grad_(True)
+        loss = L.commitment_loss(p, slots, form)
+        loss.backward()
+        vals.append(loss.detach())
+        grads.append(p.grad)
+    for v, g in zip(vals[1:], grads[1:]):
+        torch.testing.assert_close(v, vals[0])
+        torch.testing.assert_close(g, grads[0])
+    with pytest.raises(ValueError, match="commit_slot"):
+        L.commitment_loss(p0, slots, "stopgrad")
+
+
+def test_memory_loss_is_commitment_plus_weighted_orthogonality_on_unit_slots():
+    slots = spread_slots()
+    p = unit(6, 8)
+    mem, commit, ortho = L.memory_loss(p, slots, "reference", 10.0)
+    torch.testing.assert_close(commit, L.commitment_loss(p, slots, "reference"))
+    torch.testing.assert_close(ortho, L.orthogonality_penalty(F.normalize(slots, dim=-1)))
+    torch.testing.assert_close(mem, commit + 10.0 * ortho)
 
 
 def test_orthogonality_penalty_zero_iff_orthogonal():

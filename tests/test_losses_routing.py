@@ -11,9 +11,10 @@ from momkd_fed.model.momkd import MoMKD
 G = 12
 
 
-def small_model(update: str = "gradient") -> MoMKD:
+def small_model(update: str = "gradient", commit_slot: str = "reference") -> MoMKD:
     cfg = ModelConfig(hidden_dim=16, heads=2, shared_dim=8, omics_hidden=16, omics_embed_dim=12, cls_hidden=32)
-    return MoMKD(cfg, MemoryConfig(slots=4, update=update), LossConfig(), feature_dim=20, n_genes=G)
+    return MoMKD(cfg, MemoryConfig(slots=4, update=update), LossConfig(commit_slot=commit_slot), feature_dim=20,
+                 n_genes=G)
 
 
 def ring_bag(p: int, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +51,11 @@ HISTOLOGY = {"histology_encoder", "patch_proj", "slide_proj", "classifier", "the
 GENOMIC = {"omics_encoder", "omics_proj", "omics_decoder"}
 
 
+@pytest.mark.parametrize("commit_slot", ["reference", "cosine", "moving", "moving_cosine"])
 @pytest.mark.parametrize("label", [0, 1])
-def test_each_term_reaches_exactly_what_method_md_says(label):
+def test_each_term_reaches_exactly_what_method_md_says(label, commit_slot):
     torch.manual_seed(label)
-    model = small_model().train()
+    model = small_model(commit_slot=commit_slot).train()
     x, nb = ring_bag(30)
     g = torch.randn(G)
     out = model(x, nb, g)
@@ -64,7 +66,11 @@ def test_each_term_reaches_exactly_what_method_md_says(label):
                                             "memory-", "memory+"}
     assert reached(model, lb.recon) == {"omics_encoder", "omics_decoder"}
     own = "memory+" if label == 1 else "memory-"
-    assert reached(model, lb.commit) == {"histology_encoder", "patch_proj"}  # slots detached in commitment
+    # L_mem reaches the histology encoder, W_patch and the memory of class y (gradient mode): the memory through
+    # the orthogonality term; through the commitment too only in the moving variants (the reference detaches it)
+    moved = {own} if commit_slot.startswith("moving") else set()
+    assert reached(model, lb.commit) == {"histology_encoder", "patch_proj"} | moved
+    assert reached(model, lb.mem) == {"histology_encoder", "patch_proj", own}
     assert reached(model, lb.ortho) == {own}  # orthogonality acts on C_y only
     # no cross-talk: histology losses never reach the genomic branch and vice versa
     for term in (lb.ce, lb.align_wsi, lb.commit, lb.ortho):
@@ -115,3 +121,22 @@ def test_buffer_memory_gets_no_gradient_and_is_not_a_parameter(update):
     lb.total.backward()
     assert "memory.slots" not in dict(model.named_parameters())
     assert model.memory.slots.grad is None
+
+
+@pytest.mark.parametrize("update", ["ema", "frozen"])
+def test_commit_slot_makes_no_difference_to_a_buffer_memory(update):
+    """ema and frozen slots are unit-norm buffers: every commit_slot gives the same loss and patch gradients."""
+    x, nb = ring_bag(15)
+    g = torch.randn(G)
+    results = []
+    for commit_slot in ("reference", "cosine", "moving", "moving_cosine"):
+        torch.manual_seed(7)
+        model = small_model(update, commit_slot).train()
+        torch.manual_seed(8)  # the same dropout draws
+        lb = model.loss(model(x, nb, g), 1, g)
+        lb.total.backward()
+        results.append((lb.commit.detach(), model.patch_proj.weight.grad.clone()))
+        assert model.memory.slots.grad is None
+    for commit, grad in results[1:]:
+        torch.testing.assert_close(commit, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])

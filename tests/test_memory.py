@@ -144,3 +144,41 @@ def test_set_slots_checks_shape_and_normalises():
     torch.testing.assert_close(mem.slots.detach().norm(dim=-1), torch.ones(2, 2))
     with pytest.raises(ValueError, match="expected shape"):
         mem.set_slots(torch.ones(2, 3, 4))
+
+
+@pytest.mark.parametrize("commit_slot", ["reference", "moving"])
+def test_federated_merge_takes_directions_and_resets_the_raw_norm(commit_slot):
+    """Gradient mode in a federation: a site's slots drift in norm during its round (AdamW on the alignment and
+    orthogonality terms; the moving commitment pulls them toward patch means, norm < 1), the coordinator merges
+    their directions only, and the next round starts from unit slots, where the reference commitment (nearest raw
+    slot by Euclidean distance, MSE against it) equals the cosine one. The raw norm never leaves the site."""
+    from momkd_fed import losses as L
+    from momkd_fed.federation.memory_merge import merge_memory_slots, slot_usage_for_reply
+
+    torch.manual_seed(0)
+    sites = []
+    for _ in range(2):
+        mem = ClassMemory(MemoryConfig(slots=3), dim=6)
+        mem.set_slots(unit(2, 3, 6))
+        opt = torch.optim.AdamW([mem.slots], lr=0.05)
+        for step in range(20):
+            label, p = step % 2, unit(15, 6)
+            loss, _, _ = L.memory_loss(p, mem.slots[label], commit_slot, 10.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mem.update(label, p)
+        norms = mem.slots.detach().norm(dim=-1)
+        assert (norms - 1).abs().max() > 1e-2  # the raw norm moved during the round
+        sites.append(slot_usage_for_reply(mem.slots, mem.aggregates(), min_slot_count=1))
+    glob = unit(2, 3, 6)
+    merged, _ = merge_memory_slots(glob, sites, mu_s=0.5)
+    rescaled = [type(r)(slots=r.slots * 3.7, usage=r.usage, slides=r.slides) for r in sites]
+    torch.testing.assert_close(merge_memory_slots(glob, rescaled, mu_s=0.5)[0], merged)  # norms carry no weight
+    nxt = ClassMemory(MemoryConfig(slots=3), dim=6)
+    nxt.set_slots(merged * 2.0)  # what a site does with the global memory at the start of a round
+    torch.testing.assert_close(nxt.slots.detach().norm(dim=-1), torch.ones(2, 3))
+    p = unit(15, 6)
+    for label in (0, 1):
+        torch.testing.assert_close(L.commitment_loss(p, nxt.slots[label], "reference"),
+                                   L.commitment_loss(p, nxt.slots[label], "cosine"))

@@ -156,9 +156,8 @@ class MoMKD(nn.Module):
             mem = self.memory.normalized()  # (2, K, S)  live: gradients reach the slots
             zero = out.logits.new_zeros(())
             ce = L.classification_loss(out.logits, label)
-            commit = L.commitment_loss(out.patch_emb, mem[label])
-            ortho = L.orthogonality_penalty(mem[label])
-            mem_loss = commit + lc.ortho_weight * ortho
+            mem_loss, commit, ortho = L.memory_loss(out.patch_emb, self.memory.slots[label], lc.commit_slot,
+                                                    lc.ortho_weight)  # raw slots of class y
             align_wsi = L.alignment_loss(out.slide_emb, mem, label, lc.align_t, lc.align_beta, lc.align_margin)
             align_omics, recon = zero, zero
             if out.omics_emb is not None:
