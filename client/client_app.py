@@ -145,12 +145,15 @@ def kmeans_seed(msg: Message, context: Context) -> Message:
 
 @app.query(contract.QUERY_KMEANS_STEP)
 def kmeans_step(msg: Message, context: Context) -> Message:
-    """Assign the cached projections to the server's centroids; reply per-centroid sums and counts."""
+    """From the server's centroids, the message's number of local Lloyd iterations on the cached projections;
+    reply per-centroid sums and counts."""
     rt = _runtime(context)
     sdir = _state_dir(rt, context, msg)
     points = cached_kmeans_points(rt, sdir)
     centroids = R.from_record(msg.content.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
-    sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count)
+    iters = int(_config(msg).get(contract.CFG_KMEANS_ITERS, 1))
+    sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count,
+                                             iters=iters)
     audit_reply(rt, sdir, 0, contract.QUERY_KMEANS_STEP, {contract.KMEANS_RECORD: {contract.SUMS: sums,
                                                                                      contract.COUNTS: counts}})
     rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})

@@ -10,6 +10,12 @@
    and when it fails: coordinator unreachable, certificate mismatch (TLS verification), key not registered
    (Flower logs exit code 305 for all three; the cause is read from the log). SIGTERM / Ctrl-C stop the SuperNode
    (it deactivates itself at the SuperLink) and everything below it, by PID.
+
+Start order does not matter. A site started before the coordinator waits for it (Flower's own reconnection,
+bounded by ``--max-wait-time``). A site that reaches a coordinator which is up but has not registered its key yet
+is refused by Flower at once; the SuperNode is then started again (after 2, 4, 8, 10, 10... s), saying so once,
+until it is accepted or ``--max-wait-time`` (counted from the first start) runs out: then "key not registered",
+exit 1.
 """
 
 from __future__ import annotations
@@ -26,13 +32,15 @@ from momkd_fed.config import Config, SiteConfig, load_config
 from momkd_fed.data.site import CACHE_FOLDER
 from momkd_fed.errors import ConfigError
 
-from server.deploy import FlowerProcess, LaunchError, flower_env, free_port
-from .deploy import SUPERNODE_CONNECTED, diagnose, read_bundle, supernode_command
+from momkd_fed.processes import FlowerProcess, LaunchError, flower_env, free_port
+from .deploy import SUPERNODE_CONNECTED, diagnose, read_bundle, refusal, supernode_command
 
 log = logging.getLogger(__name__)
 
 STATE_FOLDER = "federated_state"  # under the site's cache folder, as client.site_runtime does by default
 EXIT_OK, EXIT_DATA, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 1, 130
+KEY_RETRY_DELAY = 2.0  # seconds before the first new attempt after "key not registered" (then doubled) ...
+KEY_RETRY_MAX_DELAY = 10.0  # ... up to this; all attempts within --max-wait-time
 INSECURE_WARNING = ("--insecure: NO TLS and NO node authentication: the coordinator is not verified and the "
                     "traffic is readable. Testing only.")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -110,18 +118,25 @@ def run_client(config: Path, site: str, certs: Path | None, superlink: str | Non
     except LaunchError as exc:  # an unreadable bundle: a setup problem, reported like a config error
         raise ConfigError(str(exc)) from exc
     state = Path(opts.state_dir) if opts.state_dir else default_state_dir(site_cfg, cfg)
-    node = None
+    started: list[FlowerProcess] = []
+
+    def start(port: int, max_wait_time: float | None) -> FlowerProcess:
+        cmd = _with(argv, "--port", port)
+        if max_wait_time is not None:  # a later attempt gets what is left of --max-wait-time
+            cmd = _with(cmd, "--max-wait-time", f"{max_wait_time:.0f}")
+        node = FlowerProcess(f"supernode {site}", cmd, state / "supernode.log", flower_env(), die_with_parent=True)
+        started.append(node)
+        return node
+
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        node = FlowerProcess(f"supernode {site}", argv, state / "supernode.log", flower_env(),
-                             die_with_parent=True)
-        return _follow(node, site, address, opts, say)
+        return _follow(start, _port_of(argv), site, address, opts, say)
     except (KeyboardInterrupt, Interrupted) as exc:
-        connected = node is not None and SUPERNODE_CONNECTED.search(node.output()) is not None
+        connected = bool(started) and SUPERNODE_CONNECTED.search(started[-1].output()) is not None
         say(f"site {site}: stopping the SuperNode ({exc or 'Ctrl-C'})")
         return EXIT_OK if connected else EXIT_INTERRUPTED
     finally:
-        if node is not None:
+        for node in started:
             node.stop()
         signal.signal(signal.SIGTERM, old)
 
@@ -157,33 +172,96 @@ def _command(config: Path, site: SiteConfig, cfg: Config, certs: Path | None,
     return argv, address
 
 
-def _follow(node: FlowerProcess, site: str, address: str, opts: ClientOptions, say) -> int:
-    """Echo the SuperNode's log, announce the connection, explain a failure; returns the exit code."""
-    say(f"site {site}: data OK; SuperNode (PID {node.pid}) connecting to {address}; log {node.log_path}")
-    seen, connected, t0 = 0, False, time.monotonic()
+def _port_of(argv: list[str]) -> int:
+    return int(argv[argv.index("--port") + 1])
+
+
+def _with(argv: list[str], flag: str, value: object) -> list[str]:
+    """``argv`` with the value after ``flag`` replaced (``flag`` must be there)."""
+    out = list(argv)
+    out[out.index(flag) + 1] = str(value)
+    return out
+
+
+def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say) -> int:
+    """Run the SuperNode until it ends; while the coordinator does not know this site's key yet, start it again
+    (within ``opts.max_wait_time``, saying so once). Returns the exit code.
+
+    Parameters
+    ----------
+    start : callable
+        ``start(port, max_wait_time) -> FlowerProcess``: one SuperNode with its local Runtime API on ``port``,
+        reconnecting for at most ``max_wait_time`` seconds (None: as ``opts`` says).
+    port : int
+        The port of the first attempt; later attempts take a free one unless ``opts.port`` fixed it.
+    """
+    t0 = time.monotonic()
+    attempt = 0
+    while True:
+        left = None if opts.max_wait_time is None else max(1.0, opts.max_wait_time - (time.monotonic() - t0))
+        node = start(port, left if attempt else None)
+        if attempt == 0:
+            say(f"site {site}: data OK; SuperNode (PID {node.pid}) connecting to {address}; log {node.log_path}")
+        code, text = _watch(node, site, opts, say, echo=attempt == 0, t0=t0)
+        if code is not None:
+            return code
+        # refused because the coordinator does not (yet) hold this site's key: the coordinator may be up and still
+        # registering its sites' keys, so try again within --max-wait-time
+        node.stop()
+        waited = time.monotonic() - t0
+        attempt += 1
+        delay = min(KEY_RETRY_MAX_DELAY, KEY_RETRY_DELAY * 2 ** (attempt - 1))
+        out_of_time = opts.max_wait_time is not None and waited + delay > opts.max_wait_time
+        out_of_tries = opts.max_retries is not None and attempt > opts.max_retries
+        if out_of_time or out_of_tries:
+            why = diagnose(text, site, address)
+            say(f"site {site}: {why} (still refused after {waited:.0f} s and {attempt} attempt(s); "
+                f"log: {node.log_path})")
+            return EXIT_FAILED
+        if attempt == 1:
+            bound = (f"for up to {opts.max_wait_time:.0f} s (--max-wait-time)" if opts.max_wait_time is not None
+                     else "until it is (no --max-wait-time)")
+            say(f"site {site}: the coordinator at {address} is up but does not know this site's key yet (it may still "
+                f"be registering its sites); trying again {bound}")
+        log.debug("site %s: key refused (attempt %d); next try in %.0f s", site, attempt, delay)
+        time.sleep(delay)
+        if not opts.port:
+            port = free_port()
+
+
+def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bool, t0: float
+           ) -> tuple[int | None, str]:
+    """Follow one SuperNode until it exits: echo its log (once connected, or always with ``echo``), announce the
+    connection, explain a failure. Returns (exit code, log); exit code None: it was refused because its key is
+    unknown, before it ever connected (the caller may try again)."""
+    seen, connected = 0, False
+    address = node.argv[node.argv.index("--superlink") + 1]
     while True:
         text = node.output()
-        for line in text[seen:].splitlines():
-            if line.strip():
-                log.info("[supernode] %s", _ANSI.sub("", line))
-        seen = len(text)
+        if echo or connected:
+            for line in text[seen:].splitlines():
+                if line.strip():
+                    log.info("[supernode] %s", _ANSI.sub("", line))
+            seen = len(text)
         if not connected and (m := SUPERNODE_CONNECTED.search(text)):
             connected = True
             say(f"site {site}: connected to the coordinator as node {m.group(1)}")
+            continue
         code = node.proc.poll()
         if code is not None:
             text = node.output()
             if code == 0 and "Exit Code" not in text:
                 say(f"site {site}: the SuperNode ended")
-                return EXIT_OK
+                return EXIT_OK, text
+            if not connected and refusal(text) == "key":
+                return None, text
             why = diagnose(text, site, address) or f"the SuperNode exited with status {code}"
             say(f"site {site}: {why} (log: {node.log_path})")
-            return EXIT_FAILED
+            return EXIT_FAILED, text
         if not connected and opts.connect_timeout and time.monotonic() - t0 > opts.connect_timeout:
             why = diagnose(text, site, address)
             say(f"site {site}: not connected after {opts.connect_timeout:.0f} s"
                 + (f": {why}" if why else "") + f" (log: {node.log_path})")
-            return EXIT_FAILED
+            return EXIT_FAILED, text
         node.track()
         time.sleep(0.3)
-

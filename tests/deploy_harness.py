@@ -1,7 +1,7 @@
 """Helpers for the deployment end-to-end tests: a tiny 2-site federation, certificates, and the real
 ``momkd-fed server`` / ``momkd-fed client`` commands run as processes (optionally inside a network namespace).
 
-Every process is started through :class:`server.deploy.FlowerProcess` (output in a file, stopped by PID together
+Every process is started through :class:`momkd_fed.processes.FlowerProcess` (output in a file, stopped by PID together
 with everything below it); tests stop them in ``finally`` blocks. Each test gets a private ``FLWR_HOME``.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from momkd_fed.certs import add_site, provision
-from server.deploy import FlowerProcess, _descendants
+from momkd_fed.processes import FlowerProcess, descendants
 
 SITES = ("hospital_a", "hospital_b")
 MOMKD = [sys.executable, "-m", "momkd_fed.cli"]
@@ -119,7 +119,7 @@ def rounds(out: Path) -> list[dict]:
 
 def kill_tree(p: FlowerProcess, include_self: bool = True) -> list[int]:
     """SIGKILL ``p``'s descendants (and ``p``): a crash, no chance to say goodbye. Returns the PIDs killed."""
-    pids = _descendants(p.pid) + ([p.pid] if include_self else [])
+    pids = descendants(p.pid) + ([p.pid] if include_self else [])
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -176,12 +176,12 @@ class Watch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from server.deploy import _start_time
+        from momkd_fed.processes import start_time
 
         while not self._stop.is_set():
-            for pid in _descendants(os.getpid()):
+            for pid in descendants(os.getpid()):
                 if pid not in self.seen:
-                    self.seen[pid] = (_start_time(pid), _cmdline(pid))
+                    self.seen[pid] = (start_time(pid), _cmdline(pid))
             self._stop.wait(0.3)
 
     def __enter__(self) -> "Watch":
@@ -193,6 +193,6 @@ class Watch:
         self._thread.join()
 
     def survivors(self) -> list[str]:
-        from server.deploy import _start_time
+        from momkd_fed.processes import start_time
 
-        return leftover({pid for pid, (t, _) in self.seen.items() if t and _start_time(pid) == t})
+        return leftover({pid for pid, (t, _) in self.seen.items() if t and start_time(pid) == t})

@@ -15,7 +15,7 @@ import pytest
 
 from deploy_harness import have_flower, make_certs, make_federation, start_client
 from momkd_fed.certs import provision
-from server.deploy import free_port
+from momkd_fed.processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_flower(), reason="flwr executables not on PATH")]
 

@@ -20,7 +20,7 @@ import pytest
 
 from deploy_harness import (SITES, Watch, have_flower, kill_tree, make_certs, make_federation, rounds,
                             site_yaml, start_client, start_server, stop_all, wait_until)
-from server.deploy import free_port
+from momkd_fed.processes import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not have_flower(), reason="flwr executables not on PATH")]
 

@@ -128,7 +128,7 @@ def _alive(pid: int) -> bool:
 
 def test_child_dies_with_its_supervisor(tmp_path):
     """die_with_parent: a SIGKILLed supervisor does not leave its Flower process behind."""
-    code = ("import sys, time; sys.path[:0] = %r; from server.deploy import FlowerProcess; "
+    code = ("import sys, time; sys.path[:0] = %r; from momkd_fed.processes import FlowerProcess; "
             "p = FlowerProcess('sleeper', ['sleep', '60'], %r, {}, die_with_parent=True); "
             "print(p.pid, flush=True); time.sleep(60)") % (sys.path, str(tmp_path / "s.log"))
     sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
