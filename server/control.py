@@ -65,6 +65,7 @@ class ControlClient:
         from flwr.supercore.control import ControlHttpClient
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
 
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request would flood the console
         self.address = address
         self.timeout = timeout
         certs = None if root_certificates is None else Path(root_certificates).read_bytes()
