@@ -240,6 +240,7 @@ def _accept(srv: socket.socket, children: dict[int, socket.socket]) -> None:
         _child(req, fds, [srv, conn, *children.values()])
     for fd in fds:
         os.close(fd)
+    print(f"forked flwr-clientapp PID {pid}", flush=True)
     try:
         conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     except OSError:
