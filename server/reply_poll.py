@@ -25,19 +25,24 @@ class QuickReplies:
     def __init__(self, grid: Grid, every: float = POLL_SECONDS) -> None:
         self._grid = grid
         self.every = every
+        self.arrivals: list[tuple[Message, float]] = []  # the last exchange: (reply, seconds after the push)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         """Push ``messages``, then collect their replies until all arrived or ``timeout`` seconds passed (None:
-        wait for all), as ``Grid.send_and_receive`` does; replies in arrival order."""
+        wait for all), as ``Grid.send_and_receive`` does; replies in arrival order. :attr:`arrivals` says when
+        each came (seconds after the push began, within one poll)."""
+        t0 = time.monotonic()
         pending = set(self._grid.push_messages(messages))
         end = time.time() + (timeout if timeout is not None else 0.0)
         replies: list[Message] = []
+        self.arrivals = []
         while pending and (timeout is None or time.time() < end):
             got = list(self._grid.pull_messages(pending))
             replies.extend(got)
+            self.arrivals += [(m, time.monotonic() - t0) for m in got]
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if pending:
                 time.sleep(self.every)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from client.warm_start import READY, STARTER_ENV, real_clientapp, write_shim
+from client.warm_start import PULL_BACKOFF, READY, STARTER_ENV, quick_object_pulls, real_clientapp, write_shim
 from momkd_fed.processes import FlowerProcess, descendants, flower_env
 
 pytestmark = pytest.mark.skipif(real_clientapp() is None, reason="flwr-clientapp not on PATH")
@@ -86,3 +86,18 @@ def test_without_a_starter_the_shim_starts_flower_cold(tmp_path):
     out = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "Run a Flower ClientApp" in out.stdout
     assert os.access(shim, os.X_OK)
+
+
+def test_quick_object_pulls_finds_flowers_retry_schedule():
+    """The warm child shortens Flower's object-pull back-off; an upgrade that moves it must fail here, not
+    silently fall back to 10 s waits."""
+    code = ("from client.warm_start import quick_object_pulls, PULL_BACKOFF\n"
+            "from flwr.supernode.runtime import run_clientapp as r\n"
+            "before = dict(r.pull_and_inflate_object_from_tree.__kwdefaults__)\n"
+            "assert quick_object_pulls()\n"
+            "after = r.pull_and_inflate_object_from_tree.__kwdefaults__\n"
+            "assert before['initial_backoff'] == 1 and before['backoff_cap'] == 10, before\n"
+            "assert {k: after[k] for k in PULL_BACKOFF} == PULL_BACKOFF\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert PULL_BACKOFF["backoff_cap"] < 10 and callable(quick_object_pulls)
