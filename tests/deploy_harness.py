@@ -22,6 +22,7 @@ from momkd_fed.certs import add_site, provision
 from momkd_fed.processes import FlowerProcess, descendants
 
 SITES = ("hospital_a", "hospital_b")
+THREE_SITES = ("hospital_a", "hospital_b", "hospital_c")  # hospital_b holds no genomics in either federation
 MOMKD = [sys.executable, "-m", "momkd_fed.cli"]
 
 
@@ -29,18 +30,17 @@ def have_flower() -> bool:
     return shutil.which("flower-superlink") is not None and shutil.which("flower-supernode") is not None
 
 
-def make_federation(root: Path, **federation) -> Path:
-    """Synthesise the tiny federation with two sites (a paired one and a histology-only one) and write a test
-    config next to it: 2 rounds, one k-means step, one thread, short round timeout; ``federation`` overrides."""
+def make_federation(root: Path, sites: tuple[str, ...] = SITES, **federation) -> Path:
+    """Synthesise the tiny federation with ``sites`` (30 slides each; hospital_b histology-only) and write a test
+    config next to it: 2 rounds, every site needed, one thread, short round timeout; ``federation`` overrides."""
     from momkd_fed.synth import synthesize
 
-    data = root / "data"
+    data = root / f"data{len(sites)}"
     if not (data / "federation.yaml").exists():
-        synthesize("tiny", data, seed=0, sites=SITES, slides_per_site=(30, 30), prevalence=(0.4, 0.6),
-                   histology_only=("hospital_b",))
+        synthesize("tiny", data, seed=0, sites=sites, slides_per_site=(30,) * len(sites),
+                   prevalence=(0.4, 0.6, 0.5)[: len(sites)], histology_only=("hospital_b",))
     doc = yaml.safe_load((data / "federation.yaml").read_text())
-    doc["federation"].update({"rounds": 2, "min_sites": 2, "round_timeout": 150.0, **federation})
-    doc.setdefault("memory", {})["kmeans_iters"] = 1
+    doc["federation"].update({"rounds": 2, "min_sites": len(sites), "round_timeout": 150.0, **federation})
     doc.setdefault("train", {})["threads"] = 1
     name = "test_" + "_".join(f"{k}{v}" for k, v in sorted(federation.items())) + ".yaml"
     path = data / name
@@ -60,9 +60,9 @@ def site_yaml(config: Path, site: str, as_name: str, out: Path) -> Path:
     return out
 
 
-def make_certs(root: Path, hosts: list[str], intruder: bool = False):
-    """Provision the two sites (plus an ``intruder`` whose key the coordinator does NOT hold)."""
-    prov = provision(root / "certs", coordinator_hosts=hosts, sites=list(SITES))
+def make_certs(root: Path, hosts: list[str], intruder: bool = False, sites: tuple[str, ...] = SITES):
+    """Provision ``sites`` (plus an ``intruder`` whose key the coordinator does NOT hold)."""
+    prov = provision(root / "certs", coordinator_hosts=hosts, sites=list(sites))
     if intruder:
         add_site(root / "certs", "intruder")
         (prov.coordinator_dir / "sites" / "intruder.pub").unlink()  # issued, never registered
