@@ -6,7 +6,8 @@ Three parts (``--parts``, all by default):
   way ``momkd-fed server`` does it (:mod:`server.control`: one process, one connection, one pass). Each
   measurement runs in a fresh Python process and times the whole step (the Control-API client's imports, the TLS
   connection, the requests), for 1 key and for 50 keys (fresh SuperLink each, ``--repeats`` times, interleaved);
-  the old way (one ``flwr supernode register`` process per key) is timed once for reference.
+  the old way (one ``flwr supernode register`` process per key) is timed once for reference. Also the CPU
+  seconds of the step (the registering process plus the SuperLink's share), what it costs on idle cores.
 - ``startup``: a ClientApp's start-up before its first training step. Cold = a fresh process that imports what
   ``flwr-clientapp`` imports, then ``client.client_app``, then handles a round-1 train message of the site
   (:mod:`client.timings` phases: process start -> imported -> handler -> data loaded -> model and optimiser ->
@@ -146,8 +147,14 @@ with ControlClient(address, certs / "ca.crt") as c:
     ids = register_site_keys(certs, c, sites)
 t2 = time.perf_counter()
 print(json.dumps({"keys": len(ids), "new": sum(v is not None for v in ids.values()), "step_s": t2 - t0,
-                  "requests_s": t2 - t1}))
+                  "requests_s": t2 - t1, "step_cpu_s": time.process_time()}))
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def part_registration(out: Path, repeats: int, n_keys: int) -> list[dict]:
@@ -167,15 +174,15 @@ def part_registration(out: Path, repeats: int, n_keys: int) -> list[dict]:
             link = start_superlink(coord, work / f"r{rep}-{n}.db", work / f"superlink-{rep}-{n}.log", port=port,
                                    timeout=120, flwr_home=work / "flwr_home")
             try:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), _cpu_seconds(link.pid)
                 r = subprocess.run([sys.executable, "-c", _REGISTER, str(coord), f"127.0.0.1:{port}", str(n)],
                                    capture_output=True, text=True, env=flower_env(), cwd=REPO, timeout=600)
-                wall = time.perf_counter() - t0
+                wall, link_cpu = time.perf_counter() - t0, _cpu_seconds(link.pid) - c0
                 if r.returncode:
                     raise RuntimeError(r.stderr[-2000:])
                 res = json.loads(r.stdout.strip().splitlines()[-1])
                 row = {"part": "registration", "keys": n, "repeat": rep, "process_s": wall, **res,
-                       "load": load_average()}
+                       "superlink_cpu_s": link_cpu, "cpu_s": res["step_cpu_s"] + link_cpu, "load": load_average()}
                 if n == 1 and rep == 0:  # the old way, for reference: one `flwr supernode register` process
                     write_flwr_config(work / "flwr_home", f"127.0.0.1:{port}", coord / "ca.crt")
                     pub = sorted((coord / "sites").glob("*.pub"))[-1]
@@ -253,7 +260,8 @@ def _startup_figures(rec: dict) -> dict:
     """Start-up of one train message from its timings record: imports, then handler -> first step."""
     w, c = rec["wall"], rec["cpu"]
     return {"imports_s": w["imported"], "imports_cpu_s": c["imported"],
-            "handler_to_step_s": w["first_step"] - w["handler"], "handler_to_step_cpu_s": c["first_step"] - c["handler"],
+            "handler_to_step_s": w["first_step"] - w["handler"],
+            "handler_to_step_cpu_s": c["first_step"] - c["handler"],
             "startup_s": w["imported"] + w["first_step"] - w["handler"],
             "startup_cpu_s": c["imported"] + c["first_step"] - c["handler"]}
 
@@ -376,10 +384,13 @@ def report(rows: list[dict]) -> str:
         req1 = statistics.median(r["requests_s"] for r in reg if r["keys"] == 1)
         reqn = statistics.median(r["requests_s"] for r in reg if r["keys"] == many_n)
         cli = next((r["cli_one_key_s"] for r in reg if "cli_one_key_s" in r), None)
-        out.append("| keys | registration step s (median) | of which requests s | ratio to 1 key |")
-        out.append("|---|---|---|---|")
-        out.append(f"| 1 | {one:.2f} | {req1:.3f} | 1.00 |")
-        out.append(f"| {many_n} | {many:.2f} | {reqn:.3f} | {many / one:.2f} |")
+        cpu1 = statistics.median(r.get("cpu_s", float("nan")) for r in reg if r["keys"] == 1)
+        cpun = statistics.median(r.get("cpu_s", float("nan")) for r in reg if r["keys"] == many_n)
+        out.append("| keys | registration step s (median) | of which requests s | ratio to 1 key | CPU s (coordinator "
+                   "+ SuperLink) | CPU ratio |")
+        out.append("|---|---|---|---|---|---|")
+        out.append(f"| 1 | {one:.2f} | {req1:.3f} | 1.00 | {cpu1:.2f} | 1.00 |")
+        out.append(f"| {many_n} | {many:.2f} | {reqn:.3f} | {many / one:.2f} | {cpun:.2f} | {cpun / cpu1:.2f} |")
         if cli is not None:
             out.append(f"\nold way, one `flwr supernode register` process for one key: {cli:.2f} s")
         out.append(f"loads: {sorted({r['load'] for r in reg})}\n")

@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         old = r["inertia"]["old"]
         cells = [f"{(r['inertia'][p] / old - 1) * 100:+.2f}% ({r['exchanges'][p]})" for p in PROTOCOLS]
         print(f"| {r['preset']} | {r['seed']} | {r['slots']} | {r['points']} | " + " | ".join(cells) + " |")
-    worst = max((r["inertia"]["new"] / r["inertia"]["old"] - 1) * 100 for r in rows)
-    print(f"\nworst 'new' vs 'old': {worst:+.2f}% (median {statistics.median((r['inertia']['new'] / r['inertia']['old'] - 1) * 100 for r in rows):+.2f}%)")
+    rel = [(r["inertia"]["new"] / r["inertia"]["old"] - 1) * 100 for r in rows]
+    print(f"\nworst 'new' vs 'old': {max(rel):+.2f}% (median {statistics.median(rel):+.2f}%)")
     return 0
 
 

@@ -30,8 +30,8 @@ Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRe
 Queries (before round 1, see ``kmeans``): :data:`QUERY_KMEANS_SEED` (server sends ``"arrays"``; reply
 ``"kmeans"`` with :data:`KMEANS_KEYS` = the sums (2,K,S) and counts (2,K) of the site's own K local clusters per
 class), :data:`QUERY_KMEANS_STEP` (server sends ``"memory"`` slots and :data:`CFG_KMEANS_ITERS`; reply
-``"kmeans"`` with the sums and counts of the points assigned to each slot after that many local Lloyd iterations), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the
-genomic moments of ``momkd_fed.data.omics``: :data:`MOMENT_KEYS`). Server -> site train messages carry the
+``"kmeans"`` with the sums and counts of the points assigned to each slot after that many local Lloyd
+iterations), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the genomic moments of ``momkd_fed.data.omics``: :data:`MOMENT_KEYS`). Server -> site train messages carry the
 federation's z-score statistics in ``"omics"`` under :data:`NORM_KEYS`.
 
 Flower's built-in strategies need exactly one ArrayRecord and one MetricRecord per reply, the same metric keys
