@@ -15,6 +15,7 @@ and ``flwr ls --run-id``. Starting a run stays with ``flwr run`` (it builds and 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from momkd_fed.processes import LaunchError
@@ -22,6 +23,7 @@ from momkd_fed.processes import LaunchError
 log = logging.getLogger(__name__)
 
 ALREADY_REGISTERED = "already in use"  # Flower's error text for a key registered before
+TRANSPORT_RETRIES = 3  # a request whose connection dropped is sent again this many times (0.2, 0.4, 0.8 s apart)
 
 
 def read_public_key(path: Path) -> bytes:
@@ -93,13 +95,13 @@ class ControlClient:
         """
         from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=no-name-in-module
 
+        request = RegisterNodeRequest(public_key=read_public_key(public_key))
         try:
-            res = self._client.RegisterNode(RegisterNodeRequest(public_key=read_public_key(public_key)))
-        except Exception as exc:  # httpx.HTTPStatusError carrying Flower's error JSON, or a transport error
-            text = _error_text(exc)
-            if ALREADY_REGISTERED in text.lower():
+            res = self._call(lambda: self._client.RegisterNode(request), f"register {public_key}")
+        except LaunchError as exc:
+            if ALREADY_REGISTERED in str(exc).lower():
                 return None
-            raise LaunchError(f"registering {public_key} with the SuperLink at {self.address} failed: {text}") from exc
+            raise
         if not res.node_id:
             raise LaunchError(f"registering {public_key}: the SuperLink at {self.address} returned no node id")
         return int(res.node_id)
@@ -131,10 +133,21 @@ class ControlClient:
         return run.status.status + (f":{run.status.sub_status}" if run.status.sub_status else "")
 
     def _call(self, fn, what: str):
-        try:
-            return fn()
-        except Exception as exc:
-            raise LaunchError(f"could not {what} at the SuperLink {self.address}: {_error_text(exc)}") from exc
+        """``fn()``; a dropped connection is tried again (the SuperLink closes idle keep-alive connections after
+        5 s, and a request can race that), anything else raises LaunchError with Flower's message."""
+        import httpx
+
+        for attempt in range(TRANSPORT_RETRIES + 1):
+            try:
+                return fn()
+            except httpx.TransportError as exc:
+                if attempt == TRANSPORT_RETRIES:
+                    raise LaunchError(f"could not {what} at the SuperLink {self.address}: {_error_text(exc)}") from exc
+                log.debug("%s: %s; trying again", what, exc)
+                time.sleep(0.2 * 2**attempt)
+            except Exception as exc:  # httpx.HTTPStatusError carrying Flower's error JSON, ...
+                raise LaunchError(f"could not {what} at the SuperLink {self.address}: {_error_text(exc)}") from exc
+        raise AssertionError("unreachable")
 
 
 def _error_text(exc: Exception) -> str:
