@@ -11,8 +11,9 @@
    (Flower logs exit code 305 for all three; the cause is read from the log). SIGTERM / Ctrl-C stop the SuperNode
    (it deactivates itself at the SuperLink) and everything below it, by PID.
 
-Every message's ClientApp process is forked from a warm starter that has already imported torch, flwr and this
-package (:mod:`client.warm_start`; ``--cold`` leaves it to Flower), so a message no longer pays the imports.
+Once the SuperNode is connected, every message's ClientApp process is forked from a warm starter that has
+already imported torch, flwr and this package (:mod:`client.warm_start`; ``--cold`` leaves it to Flower), so a
+message no longer pays the imports.
 
 Start order does not matter. A site started before the coordinator waits for it (Flower's own reconnection,
 bounded by ``--max-wait-time``). A site that reaches a coordinator which is up but has not registered its key yet
@@ -39,7 +40,7 @@ from momkd_fed.data.site import CACHE_FOLDER
 from momkd_fed.errors import ConfigError
 
 from momkd_fed.processes import FlowerProcess, LaunchError, flower_env, free_port
-from .deploy import SUPERNODE_CONNECTED, diagnose, read_bundle, refusal, supernode_command
+from .deploy import FLOWER_EXIT_CODE, SUPERNODE_CONNECTED, diagnose, read_bundle, refusal, supernode_command
 from .warm_start import SOCKET_NAME, STARTER_ENV, real_clientapp, write_shim
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ STATE_FOLDER = "federated_state"  # under the site's cache folder, as client.sit
 EXIT_OK, EXIT_DATA, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 1, 130
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.42's SuperExec asks for new tasks every 1 s ...
 SUPEREXEC_POLL_SECONDS = "0.25"  # ... this much sooner: a message's ClientApp starts ~0.4 s earlier on average
+EXIT_GRACE = 10.0  # seconds a SuperNode that logged Flower's exit code may take to exit before it is stopped
 KEY_RETRY_DELAY = 2.0  # seconds before the first new attempt after "key not registered" (then doubled) ...
 KEY_RETRY_MAX_DELAY = 10.0  # ... up to this; all attempts within --max-wait-time
 INSECURE_WARNING = ("--insecure: NO TLS and NO node authentication: the coordinator is not verified and the "
@@ -130,7 +132,7 @@ def run_client(config: Path, site: str, certs: Path | None, superlink: str | Non
     state = Path(opts.state_dir) if opts.state_dir else default_state_dir(site_cfg, cfg)
     started: list[FlowerProcess] = []
     env = {**flower_env(), SUPEREXEC_POLL_ENV: SUPEREXEC_POLL_SECONDS}
-    warm_dir = None
+    warm = _Warm(site, state, env) if opts.warm else None  # the shim goes on PATH now, the starter once connected
 
     def start(port: int, max_wait_time: float | None) -> FlowerProcess:
         cmd = _with(argv, "--port", port)
@@ -142,37 +144,51 @@ def run_client(config: Path, site: str, certs: Path | None, superlink: str | Non
 
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if opts.warm:
-            warm_dir = _start_warm(site, state, env, started, say)
-        return _follow(start, _port_of(argv), site, address, opts, say)
+        return _follow(start, _port_of(argv), site, address, opts, say,
+                       on_connected=warm.start if warm is not None else None)
     except (KeyboardInterrupt, Interrupted) as exc:
         connected = bool(started) and SUPERNODE_CONNECTED.search(started[-1].output()) is not None
         say(f"site {site}: stopping the SuperNode ({exc or 'Ctrl-C'})")
         return EXIT_OK if connected else EXIT_INTERRUPTED
     finally:
-        for node in reversed(started):  # the SuperNodes, then the warm starter
+        for node in reversed(started):
             node.stop()
-        if warm_dir is not None:
-            shutil.rmtree(warm_dir, ignore_errors=True)
+        if warm is not None:
+            warm.stop()
         signal.signal(signal.SIGTERM, old)
 
 
-def _start_warm(site: str, state: Path, env: dict[str, str], started: list[FlowerProcess], say) -> Path | None:
-    """Start the warm ClientApp starter and put its ``flwr-clientapp`` shim first on ``env``'s PATH (see
-    :mod:`client.warm_start`); returns the private folder holding the socket and the shim (None: not possible)."""
-    real = real_clientapp()
-    if real is None:
-        return None
-    folder = Path(tempfile.mkdtemp(prefix="momkd-warm-"))  # 0700; short: a Unix socket path has ~100 bytes
-    sock = folder / SOCKET_NAME
-    bin_dir = write_shim(folder / "bin", sock, real)
-    starter = FlowerProcess(f"warm starter {site}", [sys.executable, "-m", "client.warm_start", str(sock)],
-                            state / "warm_start.log", {**env, **STARTER_ENV}, die_with_parent=True)
-    started.insert(0, starter)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    log.info("site %s: ClientApp processes start warm (starter PID %d, log %s)", site, starter.pid,
-             starter.log_path)
-    return folder
+class _Warm:
+    """The site's warm ClientApp starter (:mod:`client.warm_start`): its ``flwr-clientapp`` shim goes first on
+    ``env``'s PATH at once (the SuperNode and its SuperExec inherit it); the starter itself is started when the
+    SuperNode has connected, so that its imports do not compete with the connection (and a site that never
+    connects never starts one). Until it is ready, the shim starts Flower's ClientApp cold."""
+
+    def __init__(self, site: str, state: Path, env: dict[str, str]) -> None:
+        self.site, self.state, self.env = site, state, env
+        self.starter: FlowerProcess | None = None
+        self.real = real_clientapp()
+        self.folder = None
+        if self.real is None:
+            return
+        self.folder = Path(tempfile.mkdtemp(prefix="momkd-warm-"))  # 0700; short: a Unix socket path has ~100 bytes
+        bin_dir = write_shim(self.folder / "bin", self.folder / SOCKET_NAME, self.real)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+
+    def start(self) -> None:
+        if self.folder is None or self.starter is not None:
+            return
+        self.starter = FlowerProcess(f"warm starter {self.site}",
+                                     [sys.executable, "-m", "client.warm_start", str(self.folder / SOCKET_NAME)],
+                                     self.state / "warm_start.log", {**self.env, **STARTER_ENV}, die_with_parent=True)
+        log.info("site %s: ClientApp processes start warm (starter PID %d, log %s)", self.site, self.starter.pid,
+                 self.starter.log_path)
+
+    def stop(self) -> None:
+        if self.starter is not None:
+            self.starter.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _command(config: Path, site: SiteConfig, cfg: Config, certs: Path | None,
@@ -217,7 +233,7 @@ def _with(argv: list[str], flag: str, value: object) -> list[str]:
     return out
 
 
-def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say) -> int:
+def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say, on_connected=None) -> int:
     """Run the SuperNode until it ends; while the coordinator does not know this site's key yet, start it again
     (within ``opts.max_wait_time``, saying so once). Returns the exit code.
 
@@ -228,6 +244,8 @@ def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say)
         reconnecting for at most ``max_wait_time`` seconds (None: as ``opts`` says).
     port : int
         The port of the first attempt; later attempts take a free one unless ``opts.port`` fixed it.
+    on_connected : callable, optional
+        Called once the SuperNode is connected.
     """
     t0 = time.monotonic()
     attempt = 0
@@ -236,7 +254,7 @@ def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say)
         node = start(port, left if attempt else None)
         if attempt == 0:
             say(f"site {site}: data OK; SuperNode (PID {node.pid}) connecting to {address}; log {node.log_path}")
-        code, text = _watch(node, site, opts, say, echo=attempt == 0, t0=t0)
+        code, text = _watch(node, site, opts, say, echo=attempt == 0, t0=t0, on_connected=on_connected)
         if code is not None:
             return code
         # refused because the coordinator does not (yet) hold this site's key: the coordinator may be up and still
@@ -263,12 +281,13 @@ def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say)
             port = free_port()
 
 
-def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bool, t0: float
-           ) -> tuple[int | None, str]:
+def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bool, t0: float,
+           on_connected=None) -> tuple[int | None, str]:
     """Follow one SuperNode until it exits: echo its log (once connected, or always with ``echo``), announce the
     connection, explain a failure. Returns (exit code, log); exit code None: it was refused because its key is
-    unknown, before it ever connected (the caller may try again)."""
-    seen, connected = 0, False
+    unknown, before it ever connected (the caller may try again). A SuperNode that logged Flower's exit code but
+    is still there :data:`EXIT_GRACE` seconds later (seen: a thread that kept it from exiting) is stopped."""
+    seen, connected, fatal_at = 0, False, None
     address = node.argv[node.argv.index("--superlink") + 1]
     while True:
         text = node.output()
@@ -280,8 +299,16 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
         if not connected and (m := SUPERNODE_CONNECTED.search(text)):
             connected = True
             say(f"site {site}: connected to the coordinator as node {m.group(1)}")
+            if on_connected is not None:
+                on_connected()
             continue
         code = node.proc.poll()
+        if code is None and FLOWER_EXIT_CODE.search(text):
+            fatal_at = fatal_at or time.monotonic()
+            if time.monotonic() - fatal_at > EXIT_GRACE:
+                log.warning("site %s: the SuperNode logged its exit but did not exit; stopping it", site)
+                node.stop()
+                code = node.proc.poll() or 1
         if code is not None:
             text = node.output()
             if code == 0 and "Exit Code" not in text:

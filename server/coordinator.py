@@ -131,7 +131,7 @@ class Coordinator:
             raise CoordinatorError(f"{self.certs / 'sites'}: no site public keys (*.pub) to register (fix: "
                                    "provision sites with `momkd-fed certs`, or copy each site's <site>.pub there)")
 
-    def start(self, timeout: float = 90.0) -> None:
+    def start(self, timeout: float = 300.0) -> None:
         """Start the SuperLink on the run folder's database, write the CLI connection, register the site keys."""
         self.check_bundle()
         self.flower.mkdir(parents=True, exist_ok=True)

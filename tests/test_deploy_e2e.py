@@ -11,7 +11,7 @@ SuperNode authentication, the tiny synthetic federation, 2 rounds. Start order d
 - the coordinator is stopped after round 1 and restarted with --resume: the SuperNodes reconnect and the run
   finishes from the checkpoint.
 
-Every message's ClientApp is forked from the site's warm starter (client/warm_start.py). Slow (about 1.5-4
+Once a site is connected its messages' ClientApps are forked from its warm starter (client/warm_start.py). Slow (about 1.5-4
 minutes each on 2 cores): marked ``slow``. A site retrying while its key gets registered: test_deploy_client.py.
 """
 
@@ -105,8 +105,9 @@ def test_sites_started_before_the_coordinator_complete_and_an_unregistered_key_f
             assert all(not _finished(c) for c in clients), [c.tail() for c in clients]
             for c in clients:
                 assert re.search(r"connected to the coordinator as node \d+", c.output())
-                # every message (3 set-up exchanges, 2 x train + evaluate) ran in a forked warm ClientApp
-                assert _forked(tmp_path, c) >= 3 + 4, c.name
+                # the rounds' messages (2 x train + evaluate) ran in ClientApps forked by the warm starter (it
+                # starts once the site is connected: the first set-up messages may run cold)
+                assert _forked(tmp_path, c) >= 4, c.name
                 c.stop(timeout=20)
                 assert c.proc.returncode == 0, c.tail()
         finally:
