@@ -171,8 +171,11 @@ def part_registration(out: Path, repeats: int, n_keys: int) -> list[dict]:
     for rep in range(repeats):
         for n in (1, n_keys):
             port = free_port()
-            link = start_superlink(coord, work / f"r{rep}-{n}.db", work / f"superlink-{rep}-{n}.log", port=port,
-                                   timeout=120, flwr_home=work / "flwr_home")
+            db = work / f"r{rep}-{n}.db"
+            for old in work.glob(f"{db.name}*"):  # a fresh SuperLink state: every key is new
+                old.unlink()
+            link = start_superlink(coord, db, work / f"superlink-{rep}-{n}.log", port=port, timeout=300,
+                                   flwr_home=work / "flwr_home")
             try:
                 t0, c0 = time.perf_counter(), _cpu_seconds(link.pid)
                 r = subprocess.run([sys.executable, "-c", _REGISTER, str(coord), f"127.0.0.1:{port}", str(n)],
