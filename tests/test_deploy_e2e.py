@@ -68,7 +68,8 @@ def test_sites_started_before_the_coordinator_complete_and_an_unregistered_key_f
                                     "--superlink", link, "--max-wait-time", str(INTRUDER_WAIT))
             clients = [start_client(tmp_path, config, s, prov.site_dirs[s], "--superlink", link) for s in THREE_SITES]
             procs += [intruder, *clients]
-            wait_until(lambda: all("connecting to" in c.output() for c in procs), 180, "the sites to start", procs)
+            wait_until(lambda: all("connecting to" in c.output() for c in procs), RUN_TIMEOUT, "the sites to start",
+                       procs)
             time.sleep(3)  # they are retrying: nothing listens yet
             assert not any(_finished(c) for c in procs), [c.tail() for c in procs]
             server = start_server(tmp_path, config, prov.coordinator_dir, out, "--port", str(port))
