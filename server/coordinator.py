@@ -55,6 +55,7 @@ COMPLETED = "finished:completed"
 STATUS_EVERY = 5.0  # seconds between run-status requests (Control API, this process) ...
 STATUS_SOON = 1.0  # ... and once summary.json is written (the run is about to finish)
 NODES_EVERY = 1.0  # seconds between node-list requests while waiting for sites
+SUBMIT_TIMEOUT = 600.0  # seconds for `flwr run` (builds and uploads the app bundle; minutes on a loaded machine)
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 INSECURE_WARNING = ("--insecure: NO TLS and NO SuperNode authentication. Traffic is readable and anyone who "
                     "reaches the port can join the federation and receive the model. Testing only.")
@@ -193,7 +194,7 @@ class Coordinator:
         shutil.rmtree(app_dir, ignore_errors=True)
         opts = RunOptions(out_dir=str(self.out), resume=self.opts.resume, state_dir="")
         write_app_dir(app_dir, make_run_config(self.cfg, opts))
-        res = flwr_cli(["run", str(app_dir), CONNECTION_NAME], self.flwr_home, timeout=120.0)
+        res = flwr_cli(["run", str(app_dir), CONNECTION_NAME], self.flwr_home, timeout=SUBMIT_TIMEOUT)
         if not res.get("success") or res.get("run-id") is None:
             raise LaunchError(f"flwr run did not start the run: {res}")
         run_id = int(res["run-id"])

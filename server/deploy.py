@@ -105,8 +105,12 @@ def flwr_cli(args: list[str], flwr_home: Path, *, cwd: Path | None = None, timeo
     ``"success": false``: callers must look at it.
     """
     argv = ["flwr", *args, "--format", "json"]
-    r = subprocess.run(argv, capture_output=True, text=True, env=flower_env(flwr_home), timeout=timeout,
-                       cwd=cwd or flwr_home, stdin=subprocess.DEVNULL)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, env=flower_env(flwr_home), timeout=timeout,
+                           cwd=cwd or flwr_home, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise LaunchError(f"{' '.join(argv)} did not finish within {timeout:.0f} s (an overloaded machine? "
+                          "see the SuperLink's log)") from exc
     start = r.stdout.find("{")
     if r.returncode != 0 or start < 0:
         raise LaunchError(f"{' '.join(argv)} failed (exit {r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
