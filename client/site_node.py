@@ -319,6 +319,13 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
             why = diagnose(text, site, address) or f"the SuperNode exited with status {code}"
             say(f"site {site}: {why} (log: {node.log_path})")
             return EXIT_FAILED, text
+        if (not connected and opts.max_wait_time is not None
+                and time.monotonic() - t0 > opts.max_wait_time + EXIT_GRACE):  # Flower counts from its own start
+            node.stop()
+            why = diagnose(node.output(), site, address)
+            say(f"site {site}: " + (f"{why} (" if why else "not connected (") + f"still not connected after "
+                f"--max-wait-time {opts.max_wait_time:.0f} s; log: {node.log_path})")
+            return EXIT_FAILED, node.output()
         if not connected and opts.connect_timeout and time.monotonic() - t0 > opts.connect_timeout:
             why = diagnose(text, site, address)
             say(f"site {site}: not connected after {opts.connect_timeout:.0f} s"
