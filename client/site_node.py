@@ -248,18 +248,19 @@ def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say,
         Called once the SuperNode is connected.
     """
     t0 = time.monotonic()
-    attempt = 0
+    attempt, known = 0, None  # known: why the last attempt was refused
     while True:
         left = None if opts.max_wait_time is None else max(1.0, opts.max_wait_time - (time.monotonic() - t0))
         node = start(port, left if attempt else None)
         if attempt == 0:
             say(f"site {site}: data OK; SuperNode (PID {node.pid}) connecting to {address}; log {node.log_path}")
-        code, text = _watch(node, site, opts, say, echo=attempt == 0, t0=t0, on_connected=on_connected)
+        code, text = _watch(node, site, opts, say, echo=attempt == 0, t0=t0, on_connected=on_connected, known=known)
         if code is not None:
             return code
         # refused because the coordinator does not (yet) hold this site's key: the coordinator may be up and still
         # registering its sites' keys, so try again within --max-wait-time
         node.stop()
+        known = diagnose(text, site, address)
         waited = time.monotonic() - t0
         attempt += 1
         delay = min(KEY_RETRY_MAX_DELAY, KEY_RETRY_DELAY * 2 ** (attempt - 1))
@@ -282,11 +283,12 @@ def _follow(start, port: int, site: str, address: str, opts: ClientOptions, say,
 
 
 def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bool, t0: float,
-           on_connected=None) -> tuple[int | None, str]:
+           on_connected=None, known: str | None = None) -> tuple[int | None, str]:
     """Follow one SuperNode until it exits: echo its log (once connected, or always with ``echo``), announce the
     connection, explain a failure. Returns (exit code, log); exit code None: it was refused because its key is
     unknown, before it ever connected (the caller may try again). A SuperNode that logged Flower's exit code but
-    is still there :data:`EXIT_GRACE` seconds later (seen: a thread that kept it from exiting) is stopped."""
+    is still there :data:`EXIT_GRACE` seconds later (Flower 1.42 after a refusal, often) is stopped; so is one not
+    connected when ``--max-wait-time`` has passed since ``t0`` (``known``: the cause an earlier attempt met)."""
     seen, connected, fatal_at = 0, False, None
     address = node.argv[node.argv.index("--superlink") + 1]
     while True:
@@ -322,7 +324,7 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
         if (not connected and opts.max_wait_time is not None
                 and time.monotonic() - t0 > opts.max_wait_time + EXIT_GRACE):  # Flower counts from its own start
             node.stop()
-            why = diagnose(node.output(), site, address)
+            why = diagnose(node.output(), site, address) or known  # this attempt may not have got that far
             say(f"site {site}: " + (f"{why} (" if why else "not connected (") + f"still not connected after "
                 f"--max-wait-time {opts.max_wait_time:.0f} s; log: {node.log_path})")
             return EXIT_FAILED, node.output()
