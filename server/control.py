@@ -1,4 +1,4 @@
-"""The SuperLink's Control API, called from this process: register site keys, list nodes, read a run's status.
+"""Site keys into a SuperLink, and its Control API called from this process: list nodes, read a run's status.
 
 The ``flwr`` CLI does each of these in a fresh process that imports flwr and opens a new TLS connection (1-2 s
 of CPU each, 10-14 s on a loaded 2-core machine: registering 50 sites one ``flwr supernode register`` at a time
@@ -6,6 +6,11 @@ took minutes). :class:`ControlClient` is the CLI's own client (``flwr.supercore.
 same request headers: the CLI marker and the runtime version) kept open for the coordinator's whole life, so
 registering every key in ``sites/`` is one pass over one connection, and polling who is online or whether the
 run finished costs a request, not a process.
+
+Before the coordinator starts its SuperLink it registers every key straight into the SuperLink's state database
+with Flower's own LinkState (:func:`register_keys_before_start`): one pass, an SQLite insert per key, and no
+moment in which a site can find the SuperLink up but its key unknown. :meth:`ControlClient.register` does the same
+through a running SuperLink's Control API (a key added later).
 
 What the Control API accepts is Flower's business: the same answers and errors as ``flwr supernode register``
 (``PUBLIC_KEY_ALREADY_IN_USE`` for a key registered before: fine, the node keeps its id), ``flwr supernode ls``
@@ -47,6 +52,45 @@ def read_public_key(path: Path) -> bytes:
         raise LaunchError(f"{path}: Flower accepts only EC keys on a NIST curve (fix: use the <site>.pub written "
                           "by `momkd-fed certs`)")
     return public_key_to_bytes(key)
+
+
+def register_keys_before_start(database: Path, public_keys: list[Path]) -> dict[str, int | None]:
+    """Register site keys straight into a SuperLink's state database, before that SuperLink is started.
+
+    The SuperLink's Control API handles a registration by calling ``LinkState.create_node`` with the account of
+    the request (unauthenticated in open-source Flower: ``NOOP_FLWR_AID`` / ``NOOP_ACCOUNT_NAME``) and Flower's
+    default heartbeat interval. This does exactly that, through Flower's own LinkState on the same ``--database``
+    file, one SQLite insert per key: no HTTPS request, middleware and access log per key (~30 ms of SuperLink CPU
+    each), and the keys are there the moment the SuperLink accepts its first SuperNode. Must not run while a
+    SuperLink has the database open (the coordinator calls it just before starting its own).
+
+    Returns
+    -------
+    dict
+        Site (the key file's stem) -> new node id, or None for a key registered before (a restart, ``--resume``).
+    """
+    from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID
+    from flwr.superlink.config_loader import get_federation_manager, get_objectstore_linkstate_factories
+
+    Path(database).parent.mkdir(parents=True, exist_ok=True)
+    _, factory = get_objectstore_linkstate_factories(str(Path(database).absolute()), get_federation_manager())
+    state = factory.state()
+    out: dict[str, int | None] = {}
+    try:
+        for pub in public_keys:
+            try:
+                out[Path(pub).stem] = int(state.create_node(
+                    owner_aid=NOOP_FLWR_AID, owner_name=NOOP_ACCOUNT_NAME, public_key=read_public_key(pub),
+                    heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL))
+            except ValueError as exc:  # "Public key already in use."
+                if ALREADY_REGISTERED not in str(exc).lower():
+                    raise LaunchError(f"registering {pub} in {database} failed: {exc}") from exc
+                out[Path(pub).stem] = None
+    finally:
+        engine = getattr(state, "_engine", None)
+        if engine is not None:
+            engine.dispose()  # no connection left open for the SuperLink to meet
+    return out
 
 
 class ControlClient:

@@ -1,13 +1,14 @@
 """``momkd-fed server``: the coordinator of a real federation, from SuperLink start to the HTML report.
 
-Steps: start a TLS SuperLink with SuperNode authentication and a state database (loopback; sites come through
-the reverse proxy) -> register every ``<certs>/sites/*.pub`` in one pass over the SuperLink's Control API
-(:mod:`server.control`, in this process: a site that connects in the meantime is told its key is unknown and
-``momkd-fed client`` tries again) -> wait (bounded) until enough sites are online -> write the Flower app folder
-with the run's flat config -> ``flwr run`` -> one table row per round as the run folder's ``rounds.jsonl`` grows
--> completion or failure from the run's status (Control API ``ListRuns``, as ``flwr ls``; ``flwr run`` exits 0
-even for a failed run) -> the HTML report. Every process started here (SuperLink, its ``flower-superexec`` and
-the ServerApp below it) is stopped by PID when the run ends, fails, or on Ctrl-C / SIGTERM.
+Steps: register every ``<certs>/sites/*.pub`` in the SuperLink's state database in one pass
+(:func:`server.control.register_keys_before_start`, in this process, before the SuperLink exists: no site can
+find it up but its key unknown) -> start a TLS SuperLink with SuperNode authentication on that database
+(loopback; sites come through the reverse proxy; a site started earlier has been retrying and connects now) ->
+wait (bounded) until enough sites are online -> write the Flower app folder with the run's flat config ->
+``flwr run`` -> one table row per round as the run folder's ``rounds.jsonl`` grows -> completion or failure from
+the run's status (Control API ``ListRuns``, as ``flwr ls``; ``flwr run`` exits 0 even for a failed run) -> the
+HTML report. Every process started here (SuperLink, its ``flower-superexec`` and the ServerApp below it) is
+stopped by PID when the run ends, fails, or on Ctrl-C / SIGTERM.
 
 ``--resume`` restarts the SuperLink on the same database (registered nodes and their ids survive, so SuperNodes
 reconnect with back-off) and submits a new run with ``run.resume=true``: the ServerApp continues from the run
@@ -43,8 +44,8 @@ from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
 from momkd_fed.processes import FlowerProcess, LaunchError, flower_env
 
-from .control import ControlClient
-from .deploy import CONNECTION_NAME, flwr_cli, register_site_keys, start_superlink, write_flwr_config
+from .control import ControlClient, register_keys_before_start
+from .deploy import CONNECTION_NAME, flwr_cli, site_keys, start_superlink, write_flwr_config
 from .simulate import RoundTable, fmt_auc
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,21 @@ class Coordinator:
                                    "provision sites with `momkd-fed certs`, or copy each site's <site>.pub there)")
 
     def start(self, timeout: float = 300.0) -> None:
-        """Start the SuperLink on the run folder's database, write the CLI connection, register the site keys."""
+        """Register the site keys in the run folder's SuperLink database, start the SuperLink on it, write the CLI
+        connection and open the Control-API connection."""
         self.check_bundle()
         self.flower.mkdir(parents=True, exist_ok=True)
         address = f"{_loopback(self.opts.host)}:{self.opts.port}"
+        if not self.opts.insecure:  # before the SuperLink starts: every key is there when it accepts a site
+            t0 = time.monotonic()
+            ids = register_keys_before_start(self.flower / "superlink.db", site_keys(self.certs))
+            self.registration_seconds = time.monotonic() - t0
+            known = self.flower / "site_nodes.json"  # registration names the node only the first time
+            self.site_nodes = json.loads(known.read_text()) if known.exists() else {}
+            self.site_nodes.update({s: n for s, n in ids.items() if n is not None})
+            known.write_text(json.dumps(self.site_nodes, indent=1) + "\n")
+            log.info("%d site keys registered in %.2f s: %s", len(ids), self.registration_seconds,
+                     ", ".join(sorted(ids)))
         try:
             self.link = start_superlink(self.certs, self.flower / "superlink.db", self.flower / "superlink.log",
                                         host=self.opts.host, port=self.opts.port, timeout=timeout,
@@ -152,16 +164,6 @@ class Coordinator:
         write_flwr_config(self.flwr_home, address, ca)
         log.info("SuperLink up on %s (PID %d, state %s)", address, self.link.pid, self.flower / "superlink.db")
         self.control = ControlClient(address, ca)
-        if not self.opts.insecure:
-            t0 = time.monotonic()
-            ids = register_site_keys(self.certs, self.control)
-            self.registration_seconds = time.monotonic() - t0
-            known = self.flower / "site_nodes.json"  # registration names the node only the first time
-            self.site_nodes = json.loads(known.read_text()) if known.exists() else {}
-            self.site_nodes.update({s: n for s, n in ids.items() if n is not None})
-            known.write_text(json.dumps(self.site_nodes, indent=1) + "\n")
-            log.info("%d site keys registered in %.2f s: %s", len(ids), self.registration_seconds,
-                     ", ".join(sorted(ids)))
 
     def online(self) -> list[int]:
         """Node ids the SuperLink reports online."""

@@ -126,9 +126,11 @@ def site_keys(certs: Path, sites: list[str] | None = None) -> list[Path]:
     return pubs
 
 
-def register_site_keys(certs: Path, control: ControlClient, sites: list[str] | None = None) -> dict[str, int | None]:
-    """Register ``certs/sites/<site>.pub`` with the SuperLink in one pass over ``control``'s connection;
-    already-registered keys are accepted. Returns site -> node id (``None`` for a key registered before)."""
+def register_site_keys(certs: Path, control: ControlClient, sites: list[str] | None = None
+                       ) -> dict[str, int | None]:
+    """Register ``certs/sites/<site>.pub`` with a running SuperLink in one pass over ``control``'s connection;
+    already-registered keys are accepted. Returns site -> node id (``None`` for a key registered before). (The
+    coordinator registers before it starts its SuperLink: :func:`server.control.register_keys_before_start`.)"""
     out = control.register_keys(site_keys(certs, sites))
     for site, node in out.items():
         log.info("site %s: key registered (node %s)", site, node if node is not None else "known before")
