@@ -2,12 +2,13 @@
 
 Three parts (``--parts``, all by default):
 
-- ``registration``: site keys made by ``momkd-fed certs`` (50 sites), registered with a fresh TLS SuperLink the
-  way ``momkd-fed server`` does it (:mod:`server.control`: one process, one connection, one pass). Each
-  measurement runs in a fresh Python process and times the whole step (the Control-API client's imports, the TLS
-  connection, the requests), for 1 key and for 50 keys (fresh SuperLink each, ``--repeats`` times, interleaved);
-  the old way (one ``flwr supernode register`` process per key) is timed once for reference. Also the CPU
-  seconds of the step (the registering process plus the SuperLink's share), what it costs on idle cores.
+- ``registration``: site keys made by ``momkd-fed certs`` (50 sites), registered the way ``momkd-fed server``
+  does it (``before start``: :func:`server.control.register_keys_before_start`, into a fresh state database
+  before the SuperLink starts) and, for reference, through a running TLS SuperLink's Control API (``control
+  api``: one process, one connection, one pass). Each measurement runs in a fresh Python process and times the
+  whole step (imports, connection, registering), for 1 key and for 50 keys (fresh database each, ``--repeats``
+  times, interleaved); also its CPU seconds (with the SuperLink's share for the Control API), what it costs on
+  idle cores. The old way (one ``flwr supernode register`` process per key) is timed once.
 - ``startup``: a ClientApp's start-up before its first training step. Cold = a fresh process that imports what
   ``flwr-clientapp`` imports, then ``client.client_app``, then handles a round-1 train message of the site
   (:mod:`client.timings` phases: process start -> imported -> handler -> data loaded -> model and optimiser ->
@@ -138,13 +139,18 @@ _REGISTER = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from server.control import ControlClient
-from server.deploy import register_site_keys
-certs, address, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-sites = sorted(p.stem for p in (certs / "sites").glob("*.pub"))[:n]
-with ControlClient(address, certs / "ca.crt") as c:
+from server.deploy import site_keys
+certs, where, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+keys = site_keys(certs)[:n]
+if where.endswith(".db"):  # the coordinator's way: into the state database before the SuperLink starts
+    from server.control import register_keys_before_start
     t1 = time.perf_counter()
-    ids = register_site_keys(certs, c, sites)
+    ids = register_keys_before_start(Path(where), keys)
+else:  # a running SuperLink's Control API (host:port)
+    from server.control import ControlClient
+    with ControlClient(where, certs / "ca.crt") as c:
+        t1 = time.perf_counter()
+        ids = c.register_keys(keys)
 t2 = time.perf_counter()
 print(json.dumps({"keys": len(ids), "new": sum(v is not None for v in ids.values()), "step_s": t2 - t0,
                   "requests_s": t2 - t1, "step_cpu_s": time.process_time()}))
@@ -158,7 +164,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def part_registration(out: Path, repeats: int, n_keys: int) -> list[dict]:
-    from server.deploy import start_superlink, write_flwr_config, flwr_cli
+    from server.deploy import flwr_cli, site_keys, start_superlink, write_flwr_config
 
     work = out / "registration"
     prov = work / "certs"
@@ -168,27 +174,41 @@ def part_registration(out: Path, repeats: int, n_keys: int) -> list[dict]:
                        capture_output=True, env=flower_env())
     coord = prov / "coordinator"
     rows = []
+
+    def run(n: int, where: str) -> dict:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", _REGISTER, str(coord), where, str(n)], capture_output=True,
+                           text=True, env=flower_env(), cwd=REPO, timeout=900)
+        wall = time.perf_counter() - t0
+        if r.returncode:
+            raise RuntimeError(r.stderr[-2000:])
+        return {"process_s": wall, **json.loads(r.stdout.strip().splitlines()[-1])}
+
     for rep in range(repeats):
         for n in (1, n_keys):
-            port = free_port()
             db = work / f"r{rep}-{n}.db"
-            for old in work.glob(f"{db.name}*"):  # a fresh SuperLink state: every key is new
+            for old in work.glob(f"{db.name}*"):  # a fresh state: every key is new
                 old.unlink()
+            res = run(n, str(db))  # the coordinator's way, before its SuperLink starts
+            rows.append({"part": "registration", "way": "before start", "keys": n, "repeat": rep, **res,
+                         "cpu_s": res["step_cpu_s"], "load": load_average()})
+            log.info("registration: %s", rows[-1])
+            # a running SuperLink's Control API (fresh database), and once the old way: a CLI process per key
+            db = work / f"c{rep}-{n}.db"
+            for old in work.glob(f"{db.name}*"):
+                old.unlink()
+            port = free_port()
             link = start_superlink(coord, db, work / f"superlink-{rep}-{n}.log", port=port, timeout=300,
                                    flwr_home=work / "flwr_home")
             try:
-                t0, c0 = time.perf_counter(), _cpu_seconds(link.pid)
-                r = subprocess.run([sys.executable, "-c", _REGISTER, str(coord), f"127.0.0.1:{port}", str(n)],
-                                   capture_output=True, text=True, env=flower_env(), cwd=REPO, timeout=600)
-                wall, link_cpu = time.perf_counter() - t0, _cpu_seconds(link.pid) - c0
-                if r.returncode:
-                    raise RuntimeError(r.stderr[-2000:])
-                res = json.loads(r.stdout.strip().splitlines()[-1])
-                row = {"part": "registration", "keys": n, "repeat": rep, "process_s": wall, **res,
+                c0 = _cpu_seconds(link.pid)
+                res = run(n, f"127.0.0.1:{port}")
+                link_cpu = _cpu_seconds(link.pid) - c0
+                row = {"part": "registration", "way": "control api", "keys": n, "repeat": rep, **res,
                        "superlink_cpu_s": link_cpu, "cpu_s": res["step_cpu_s"] + link_cpu, "load": load_average()}
-                if n == 1 and rep == 0:  # the old way, for reference: one `flwr supernode register` process
+                if n == 1 and rep == 0:
                     write_flwr_config(work / "flwr_home", f"127.0.0.1:{port}", coord / "ca.crt")
-                    pub = sorted((coord / "sites").glob("*.pub"))[-1]
+                    pub = site_keys(coord)[-1]
                     t0 = time.perf_counter()
                     flwr_cli(["supernode", "register", str(pub)], work / "flwr_home", timeout=300)
                     row["cli_one_key_s"] = time.perf_counter() - t0
@@ -379,21 +399,19 @@ def analyse(work: Path, sites: list[str], rounds: int, cold: bool, wall: float, 
 
 def report(rows: list[dict]) -> str:
     out = []
-    reg = [r for r in rows if r["part"] == "registration"]
+    reg = [r for r in rows if r["part"] == "registration" and "way" in r]
     if reg:
-        one = statistics.median(r["step_s"] for r in reg if r["keys"] == 1)
+        out.append("| way | keys | step s (median wall) | of which registering s | ratio to 1 key | CPU s | CPU ratio |")
+        out.append("|---|---|---|---|---|---|---|")
         many_n = max(r["keys"] for r in reg)
-        many = statistics.median(r["step_s"] for r in reg if r["keys"] == many_n)
-        req1 = statistics.median(r["requests_s"] for r in reg if r["keys"] == 1)
-        reqn = statistics.median(r["requests_s"] for r in reg if r["keys"] == many_n)
+        for way in ("before start", "control api"):
+            med = {n: {k: statistics.median(r[k] for r in reg if r["way"] == way and r["keys"] == n)
+                       for k in ("step_s", "requests_s", "cpu_s")} for n in (1, many_n)}
+            for n in (1, many_n):
+                m = med[n]
+                out.append(f"| {way} | {n} | {m['step_s']:.2f} | {m['requests_s']:.3f} | "
+                           f"{m['step_s'] / med[1]['step_s']:.2f} | {m['cpu_s']:.2f} | {m['cpu_s'] / med[1]['cpu_s']:.2f} |")
         cli = next((r["cli_one_key_s"] for r in reg if "cli_one_key_s" in r), None)
-        cpu1 = statistics.median(r.get("cpu_s", float("nan")) for r in reg if r["keys"] == 1)
-        cpun = statistics.median(r.get("cpu_s", float("nan")) for r in reg if r["keys"] == many_n)
-        out.append("| keys | registration step s (median) | of which requests s | ratio to 1 key | CPU s (coordinator "
-                   "+ SuperLink) | CPU ratio |")
-        out.append("|---|---|---|---|---|---|")
-        out.append(f"| 1 | {one:.2f} | {req1:.3f} | 1.00 | {cpu1:.2f} | 1.00 |")
-        out.append(f"| {many_n} | {many:.2f} | {reqn:.3f} | {many / one:.2f} | {cpun:.2f} | {cpun / cpu1:.2f} |")
         if cli is not None:
             out.append(f"\nold way, one `flwr supernode register` process for one key: {cli:.2f} s")
         out.append(f"loads: {sorted({r['load'] for r in reg})}\n")
