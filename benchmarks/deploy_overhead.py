@@ -401,7 +401,8 @@ def report(rows: list[dict]) -> str:
     out = []
     reg = [r for r in rows if r["part"] == "registration" and "way" in r]
     if reg:
-        out.append("| way | keys | step s (median wall) | of which registering s | ratio to 1 key | CPU s | CPU ratio |")
+        out.append("| way | keys | step s (median wall) | of which registering s | ratio to 1 key | CPU s | "
+                   "CPU ratio |")
         out.append("|---|---|---|---|---|---|---|")
         many_n = max(r["keys"] for r in reg)
         for way in ("before start", "control api"):
@@ -410,7 +411,8 @@ def report(rows: list[dict]) -> str:
             for n in (1, many_n):
                 m = med[n]
                 out.append(f"| {way} | {n} | {m['step_s']:.2f} | {m['requests_s']:.3f} | "
-                           f"{m['step_s'] / med[1]['step_s']:.2f} | {m['cpu_s']:.2f} | {m['cpu_s'] / med[1]['cpu_s']:.2f} |")
+                           f"{m['step_s'] / med[1]['step_s']:.2f} | {m['cpu_s']:.2f} | "
+                           f"{m['cpu_s'] / med[1]['cpu_s']:.2f} |")
         cli = next((r["cli_one_key_s"] for r in reg if "cli_one_key_s" in r), None)
         if cli is not None:
             out.append(f"\nold way, one `flwr supernode register` process for one key: {cli:.2f} s")
