@@ -49,6 +49,7 @@ STATE_FOLDER = "federated_state"  # under the site's cache folder, as client.sit
 EXIT_OK, EXIT_DATA, EXIT_FAILED, EXIT_INTERRUPTED = 0, 3, 1, 130
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower 1.42's SuperExec asks for new tasks every 1 s ...
 SUPEREXEC_POLL_SECONDS = "0.25"  # ... this much sooner: a message's ClientApp starts ~0.4 s earlier on average
+TRACK_EVERY = 5.0  # seconds between scans for the SuperNode's helpers (so that they are stopped with it)
 EXIT_GRACE = 10.0  # seconds a SuperNode that logged Flower's exit code may take to exit before it is stopped
 KEY_RETRY_DELAY = 2.0  # seconds before the first new attempt after "key not registered" (then doubled) ...
 KEY_RETRY_MAX_DELAY = 10.0  # ... up to this; all attempts within --max-wait-time
@@ -289,7 +290,7 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
     unknown, before it ever connected (the caller may try again). A SuperNode that logged Flower's exit code but
     is still there :data:`EXIT_GRACE` seconds later (Flower 1.42 after a refusal, often) is stopped; so is one not
     connected when ``--max-wait-time`` has passed since ``t0`` (``known``: the cause an earlier attempt met)."""
-    seen, connected, fatal_at = 0, False, None
+    seen, connected, fatal_at, tracked = 0, False, None, 0.0
     address = node.argv[node.argv.index("--superlink") + 1]
     while True:
         text = node.output()
@@ -333,5 +334,7 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
             say(f"site {site}: not connected after {opts.connect_timeout:.0f} s"
                 + (f": {why}" if why else "") + f" (log: {node.log_path})")
             return EXIT_FAILED, text
-        node.track()
+        if time.monotonic() - tracked > TRACK_EVERY:
+            node.track()
+            tracked = time.monotonic()
         time.sleep(0.3)

@@ -54,7 +54,9 @@ def descendants(pid: int) -> list[int]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (proc / "cmdline").read_bytes()
+            # only re-parented processes can be a detached helper; reading every process's cmdline is slow
+            # (it waits on that process's memory map: seconds while a busy machine imports torch everywhere)
+            cmdline = (proc / "cmdline").read_bytes() if fields[1] == "1" else b""
         except OSError:
             continue
         if fields[0] == "Z":
