@@ -15,10 +15,11 @@ client). From ``rounds.jsonl`` and ``summary.json``, per round:
   client the floor is about ``n_sites / 2`` times the mean site).
 
 Also per site count: seconds to start the engine (SuperLink, ``flwr run``, Ray) and to set up before round 1
-(genomic moments, k-means seed, ``memory.kmeans_iters`` k-means steps: one message round trip each). Finally the
+(genomic moments, k-means seed, ``memory.kmeans_rounds`` k-means refine exchanges; until 2026-12 one exchange
+per k-means iteration, ``memory.kmeans_iters`` of them). Finally the
 fixed cost a ClientApp message pays before any training, measured separately: a fresh Python process importing the
 ClientApp (a SuperNode starts one per message in a deployment), ``SiteRuntime.load`` (config parse + slide-cache
-read), the seeded model build and the first optimiser construction (``torch.optim.AdamW`` imports ``torch._dynamo``
+read), the seeded model build and the first optimiser construction (``torch.optim.AdamW`` imported ``torch._dynamo``
 the first time, ~2-3 s: it is inside the round-1 ``train_seconds`` of every Ray worker, and inside every train
 message of a deployment, where each message gets a fresh process).
 
@@ -86,7 +87,7 @@ def run_one(n_sites: int, rounds: int, slides: int, out: Path, seed: int) -> dic
     rounds_wall = sum(p["wall"] for p in per_round)
     kmeans_s = setup_kmeans_seconds(out / "run" / "server.log")
     return {"sites": n_sites, "rounds": per_round, "synth_s": t_synth, "simulate_s": t_sim,
-            "setup_round_trips": 2 + cfg.memory.kmeans_iters,  # omics moments, k-means seed, k-means steps
+            "setup_round_trips": 2 + cfg.memory.kmeans_rounds,  # omics moments, k-means seed, k-means refines
             "setup_first_contact_s": float(summary["seconds"]) - rounds_wall - kmeans_s
             if kmeans_s is not None else None, "setup_kmeans_s": kmeans_s,
             "server_s": float(summary["seconds"]), "setup_s": float(summary["seconds"]) - rounds_wall,
@@ -137,7 +138,7 @@ for k in range(2):  # 1st: cold within the process; 2nd: what a reused (Ray acto
     t1 = time.perf_counter()
     model = rt.build_model(64)
     t2 = time.perf_counter()
-    make_optimizer(model, c.train)  # the first AdamW in a process imports torch._dynamo
+    make_optimizer(model, c.train)  # until 2026-12 the first AdamW in a process imported torch._dynamo
     t3 = time.perf_counter()
     out[f"load_s_{k}"], out[f"build_s_{k}"], out[f"optim_s_{k}"] = t1 - t0, t2 - t1, t3 - t2
 out["slides"] = len(rt.data.bags)

@@ -13,7 +13,8 @@ Handlers (message types):
 - ``query.omics_moments``: genomic sums / sums of squares / count over the training cases.
 - ``query.kmeans_seed`` / ``query.kmeans_step``: federated k-means statistics for the initial memory.
 
-An exception in a handler becomes an error reply; the server logs it and aggregates the other sites.
+An exception in a handler becomes an error reply; the server logs it and aggregates the other sites. Each
+handler notes its phases since the process started (:mod:`client.timings`) in the site's ``timings.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .local_round import GlobalModel, audit_reply, cached_kmeans_points, evaluat
 from .run_config import split_run_config
 from .site_runtime import SiteRuntime, state_dir
 from .site_state import load_global_cache, save_global_cache
+from .timings import PhaseClock, mark_imported
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,9 @@ def _state_dir(rt: SiteRuntime, context: Context, msg: Message):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training."""
+    clock = PhaseClock("train")
     rt = _runtime(context)
+    clock.mark("loaded")
     cfg = _config(msg)
     sdir = _state_dir(rt, context, msg)
     cached = None
@@ -111,44 +115,55 @@ def train(msg: Message, context: Context) -> Message:
     g = _global(msg, cached)
     lr = float(cfg.get(contract.CFG_LR, rt.cfg.train.lr))
     epochs = int(cfg.get(contract.CFG_LOCAL_EPOCHS, rt.cfg.federation.local_epochs))
-    shared, memory, metrics = train_round(rt, g, sdir, lr, epochs)
+    shared, memory, metrics = train_round(rt, g, sdir, lr, epochs, clock=clock)
     content = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared, rt.cfg.federation.wire_dtype, g.shared),
                           contract.METRICS_RECORD: R.metrics_record(metrics), R.SITE_RECORD: _site(rt)})
     if memory:
         content[contract.MEMORY_RECORD] = R.to_record(memory)
+    clock.write(sdir, g.round)
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Histology-only test metrics of the global and the personalised model."""
+    clock = PhaseClock("evaluate")
     rt = _runtime(context)
+    clock.mark("loaded")
     g = _global(msg)
     sdir = _state_dir(rt, context, msg)
     save_global_cache(sdir, g.round, g.shared, g.slots)  # the next train message refers to it
     glob, pers, calibration = evaluate_round(rt, g, sdir)
+    clock.mark("evaluated")
     content = RecordDict({contract.METRICS_RECORD: R.metrics_record(glob),
                           R.PERSONAL_METRICS_RECORD: R.metrics_record(pers),
                           contract.CALIBRATION_RECORD: R.to_record(calibration), R.SITE_RECORD: _site(rt)})
+    clock.write(sdir, g.round)
     return Message(content, reply_to=msg)
 
 
 @app.query(contract.QUERY_OMICS_MOMENTS)
 def omics_moments(msg: Message, context: Context) -> Message:
     """Genomic moments of the training cases (count 0 at a histology-only site) and who this site is."""
+    clock = PhaseClock(f"query.{contract.QUERY_OMICS_MOMENTS}")
     rt = _runtime(context)
+    clock.mark("loaded")
     m = rt.moments()
     arrays = {"sum": m.sum.astype(np.float64), "sumsq": m.sumsq.astype(np.float64),
               "count": np.asarray([m.count], dtype=np.float64)}
-    audit_reply(rt, _state_dir(rt, context, msg), 0, contract.QUERY_OMICS_MOMENTS, {contract.OMICS_RECORD: arrays})
+    sdir = _state_dir(rt, context, msg)
+    audit_reply(rt, sdir, 0, contract.QUERY_OMICS_MOMENTS, {contract.OMICS_RECORD: arrays})
     rec = R.to_record(arrays)
+    clock.write(sdir, 0)
     return Message(RecordDict({contract.OMICS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 
 
 @app.query(contract.QUERY_KMEANS_SEED)
 def kmeans_seed(msg: Message, context: Context) -> Message:
     """Local spherical k-means of the initial patch projections, sent as cluster sums and counts."""
+    clock = PhaseClock(f"query.{contract.QUERY_KMEANS_SEED}")
     rt = _runtime(context)
+    clock.mark("loaded")
     sdir = _state_dir(rt, context, msg)
     points = kmeans_points(rt, _global(msg), sdir)
     sums, counts = kmeans.local_kmeans_seed(points, rt.cfg.memory.slots, rt.cfg.memory.kmeans_iters,
@@ -156,19 +171,28 @@ def kmeans_seed(msg: Message, context: Context) -> Message:
     audit_reply(rt, sdir, 0, contract.QUERY_KMEANS_SEED, {contract.KMEANS_RECORD: {contract.SUMS: sums,
                                                                                      contract.COUNTS: counts}})
     rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
+    clock.write(sdir, 0)
     return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 
 
 @app.query(contract.QUERY_KMEANS_STEP)
 def kmeans_step(msg: Message, context: Context) -> Message:
-    """Assign the cached projections to the server's centroids; reply per-centroid sums and counts."""
+    """From the server's centroids, the message's number of local Lloyd iterations on the cached projections;
+    reply per-centroid sums and counts."""
+    clock = PhaseClock(f"query.{contract.QUERY_KMEANS_STEP}")
     rt = _runtime(context)
+    clock.mark("loaded")
     sdir = _state_dir(rt, context, msg)
     points = cached_kmeans_points(rt, sdir)
     centroids = R.from_record(msg.content.array_records[contract.MEMORY_RECORD])[contract.SLOTS]
-    sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count)
+    iters = int(_config(msg).get(contract.CFG_KMEANS_ITERS, 1))
+    sums, counts = kmeans.local_kmeans_stats(points, centroids, min_count=rt.cfg.federation.min_slot_count,
+                                             iters=iters)
     audit_reply(rt, sdir, 0, contract.QUERY_KMEANS_STEP, {contract.KMEANS_RECORD: {contract.SUMS: sums,
                                                                                      contract.COUNTS: counts}})
     rec = R.to_record({contract.SUMS: sums, contract.COUNTS: counts})
+    clock.write(sdir, 0)
     return Message(RecordDict({contract.KMEANS_RECORD: rec, R.SITE_RECORD: _site(rt)}), reply_to=msg)
 
+
+mark_imported()  # last line: the imports of a fresh flwr-clientapp process end here

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from server.deploy import FlowerProcess, LaunchError, flower_env
+from momkd_fed.processes import FlowerProcess, LaunchError, flower_env
 
 SUPERNODE_CONNECTED = re.compile(r"SuperNode ID: (\d+)")  # logged once the SuperLink activated this node
 EXIT_AUTH_REFUSED = 305  # Flower exit code logged when the SuperNode cannot connect: unregistered key,
@@ -28,7 +28,8 @@ FAILURES = (
                        r"\[code: 2004\]"),
      "key not registered: the coordinator refused this site's node key (fix: the coordinator must hold "
      "sites/{site}.pub from the same provision and (re)start `momkd-fed server`; check that --certs is this "
-     "site's bundle)"),
+     "site's bundle)"),  # momkd-fed client retries this one until --max-wait-time: the coordinator may be
+    # registering the keys right now
     ("unreachable", re.compile(r"Giving up reconnection|Connection refused|Name or service not known|"
                                r"Temporary failure in name resolution|No route to host|timed out", re.I),
      "coordinator unreachable at {superlink} (fix: check the address and port, the coordinator's proxy and the "
@@ -42,12 +43,18 @@ def flower_exit_code(log_text: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def refusal(log_text: str) -> str | None:
+    """Why the SuperNode could not connect, read from its log: ``"certificate"``, ``"key"`` or
+    ``"unreachable"`` (the first of :data:`FAILURES` that matches); None if no known cause."""
+    return next((cause for cause, rx, _ in FAILURES if rx.search(log_text)), None)
+
+
 def diagnose(log_text: str, site: str, superlink: str) -> str | None:
     """One line saying why the SuperNode could not connect, read from its log; None if no known cause."""
-    for _, rx, message in FAILURES:
-        if rx.search(log_text):
-            return message.format(site=site, superlink=superlink)
-    return None
+    cause = refusal(log_text)
+    if cause is None:
+        return None
+    return next(m for c, _, m in FAILURES if c == cause).format(site=site, superlink=superlink)
 
 
 def read_bundle(bundle: Path) -> dict:

@@ -50,6 +50,7 @@ from momkd_fed.privacy import (AuditLog, PrivacyAccountant, SlotAccumulator, ass
 from .site_runtime import SiteRuntime, site_seed
 from .site_state import (ACCOUNTANT_FILE, PERSONAL_MODEL_FILE, SiteState, load_personal_rounds, load_site_state,
                          save_personal_rounds, save_site_state)
+from .timings import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,11 @@ def _stats(rt: SiteRuntime, g: GlobalModel) -> tuple[np.ndarray | None, np.ndarr
     return g.omics_mean, g.omics_std
 
 
-def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, local_epochs: int
+def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, local_epochs: int,
+                clock: PhaseClock | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
     """Train locally for ``local_epochs``, save the new private state, build the reply (privacy applied).
+    ``clock``: notes ``model``, ``first_step``, ``trained`` and ``validated`` (:mod:`client.timings`).
 
     Returns
     -------
@@ -119,6 +122,8 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
         optimizer.load_state_dict(saved.optimizer)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if clock is not None:
+        clock.mark("model")
     mean, std = _stats(rt, g)
     train_bags = rt.normalised("train", mean, std)
     if not train_bags:
@@ -134,15 +139,21 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
         acc = SlotAccumulator(model.memory.num_slots, int(model.memory.slots.shape[-1]), cfg.privacy.clip_norm)
     sums: dict[str, float] = {}
     slides = 0
+    on_step = _slot_recorder(model, acc) if acc is not None else None
+    if clock is not None:
+        on_step = _with_clock(on_step, clock)
     for _ in range(max(1, local_epochs)):
-        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device,
-                          on_step=_slot_recorder(model, acc) if acc is not None else None)
+        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device, on_step=on_step)
         slides += int(out.pop("num_slides"))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + v / max(1, local_epochs)
     losses = {t: float(sums.get(t, 0.0)) for t in contract.LOSS_TERMS}  # absent terms (omics at a
     # histology-only site) are 0.0, so every site sends the same keys
+    if clock is not None:
+        clock.mark("trained")
     val = evaluate(model, rt.normalised("val", None, None), rt.device, cfg.train.precision)
+    if clock is not None:
+        clock.mark("validated")
     part = partition_state(model.state_dict(), cfg.federation)
     save_site_state(state_dir, SiteState(round=g.round, private=part.private, optimizer=optimizer.state_dict()))
     shared = dict(part.shared) if rt.paired else histology_only_part(part.shared, cfg.federation)
@@ -165,6 +176,17 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     log.info("site %s round %d: %d slides, loss %.4f, val AUC %.3f%s", rt.name, g.round, slides,
              losses["total"], metrics[contract.VAL_AUC], f", epsilon {epsilon:.3g}" if math.isfinite(epsilon) else "")
     return shared, memory, metrics
+
+
+def _with_clock(on_step, clock: PhaseClock):
+    """``train_epoch`` hook: ``on_step`` (if any), then ``clock.on_step()``."""
+
+    def hook(bag: Bag, out) -> None:
+        if on_step is not None:
+            on_step(bag, out)
+        clock.on_step()
+
+    return hook
 
 
 def _slot_recorder(model: torch.nn.Module, acc: SlotAccumulator):

@@ -214,14 +214,17 @@ def client(
     port: Optional[int] = typer.Option(None, help="Local port of the SuperNode's Runtime API (default: a free one)."),
     state_dir: Optional[Path] = typer.Option(None, help="Folder for this site's private state and the SuperNode log."),
     max_retries: Optional[int] = typer.Option(None, help="Reconnection attempts (default: unbounded)."),
-    max_wait_time: float = typer.Option(600.0, help="Seconds of reconnection before giving up."),
+    max_wait_time: float = typer.Option(600.0, help="Seconds to wait for the coordinator (unreachable, or not "
+                                        "yet knowing this site's key) before giving up."),
+    warm: bool = typer.Option(True, "--warm/--cold", help="Fork each message's ClientApp process from one that "
+                              "has already imported torch and flwr (default), or let Flower start it cold."),
 ) -> None:
     """Site: check the local data, then join the federation as a Flower SuperNode."""
     from client.site_node import run_client
 
     try:
         code = run_client(config, site, certs, superlink, insecure=insecure, port=port, state_dir=state_dir,
-                          max_retries=max_retries, max_wait_time=max_wait_time)
+                          max_retries=max_retries, max_wait_time=max_wait_time, warm=warm)
     except MomkdError as exc:
         _fail(exc)
     raise typer.Exit(code=code)

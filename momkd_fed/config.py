@@ -76,7 +76,9 @@ class MemoryConfig:
     update: Literal["gradient", "ema", "frozen"] = "gradient"  # how slots move (method.md, two modes + ablation)
     momentum: float = 0.99  # mu for ema: c <- mu*c + (1-mu)*mean(assigned), renormalised
     ema_source: Literal["omics", "patches", "both"] = "both"  # which embeddings are assigned to slots in ema mode
-    kmeans_iters: int = 20  # spherical k-means iterations for initialisation
+    kmeans_iters: int = 20  # Lloyd iterations of the initial k-means (a site's own clusters, the server's pooling)
+    kmeans_rounds: int = 1  # federated set-up: exchanges that refine the pooled centroids at every site (0 = none)
+    kmeans_refine_iters: int = 5  # Lloyd iterations each site runs from the shared centroids per refine exchange
     kmeans_max_points: int = 10000  # patch projections per class used by k-means initialisation
 
 
@@ -293,6 +295,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.label_map: classes must be 0 or 1, got {bad}")
     if cfg.model.hidden_dim % cfg.model.heads:
         raise ConfigError(f"model.hidden_dim: {cfg.model.hidden_dim} is not divisible by model.heads={cfg.model.heads}")
+    for key in ("kmeans_iters", "kmeans_refine_iters"):
+        if getattr(cfg.memory, key) < 1:
+            raise ConfigError(f"memory.{key}: must be >= 1, got {getattr(cfg.memory, key)}")
+    if cfg.memory.kmeans_rounds < 0:
+        raise ConfigError(f"memory.kmeans_rounds: must be >= 0, got {cfg.memory.kmeans_rounds}")
     if not 0.0 <= cfg.memory.momentum < 1.0:
         raise ConfigError(f"memory.momentum: must be in [0, 1), got {cfg.memory.momentum}")
     if not 0.0 <= cfg.federation.memory_momentum < 1.0:

@@ -23,6 +23,7 @@ from .config import Config, TrainConfig
 from .data.bag import Bag
 from .device import autocast_context
 from .metrics import binary_metrics
+from .optim import FusedAdamW, fused_adamw_supported
 
 if TYPE_CHECKING:
     from .model.outputs import ModelOutput
@@ -34,24 +35,20 @@ log = logging.getLogger(__name__)
 # Optimiser and sampling
 
 
-def _fused_adamw_supported(params: Sequence[torch.Tensor]) -> bool:
-    """True where torch has a fused AdamW kernel for every parameter: floating point, on CUDA or CPU (torch >= 2.4)."""
-    cpu_ok = torch.__version__ >= "2.4"  # TorchVersion compares as a version
-    return all(p.is_floating_point() and (p.device.type == "cuda" or (p.device.type == "cpu" and cpu_ok))
-               for p in params)
-
-
-def make_optimizer(model: nn.Module, train_cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, train_cfg: TrainConfig) -> FusedAdamW | torch.optim.Optimizer:
     """AdamW (``train.lr``, ``train.weight_decay``) over the parameters that require gradients.
 
-    A frozen memory (``memory.update: frozen``) or an ``ema`` memory (buffers) is thereby excluded. The fused
-    kernel where torch has one (same update, rounding aside): on CPU it steps the reference model's 4.4M
-    parameters in ~6 ms against ~22 ms for the default multi-tensor (foreach) AdamW, 1 thread
-    (benchmarks/README.md, step_speed.py).
+    A frozen memory (``memory.update: frozen``) or an ``ema`` memory (buffers) is thereby excluded. Where torch
+    has a fused AdamW kernel (CUDA; CPU since torch 2.4) it is :class:`momkd_fed.optim.FusedAdamW`: torch's fused
+    update, bitwise, without ``torch.optim.Optimizer`` and so without importing ``torch._dynamo`` (3 s per fresh
+    process idle, ~20 s under load: every Flower message starts one). On CPU the fused kernel steps the reference
+    model's 4.4M parameters in ~6 ms against ~22 ms for the default multi-tensor (foreach) AdamW, 1 thread
+    (benchmarks/README.md, step_speed.py). Elsewhere: ``torch.optim.AdamW`` with torch's default implementation.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = _fused_adamw_supported(params) or None  # None: torch's default (foreach / for-loop)
-    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused)
+    if fused_adamw_supported(params):
+        return FusedAdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
 def sample_order(bags: Sequence[Bag], balanced: bool, generator: torch.Generator) -> list[int]:
@@ -100,7 +97,7 @@ def subsample_patches(bag: Bag, max_patches: int, knn_k: int,
 def train_epoch(
     model: nn.Module,
     bags: Sequence[Bag],
-    optimizer: torch.optim.Optimizer,
+    optimizer: FusedAdamW | torch.optim.Optimizer,
     cfg: Config,
     *,
     generator: torch.Generator,
@@ -312,7 +309,7 @@ def _choose_monitor(val_bags: Sequence[Bag]) -> tuple[str, str]:
 
 def fit(model: nn.Module, train_bags: Sequence[Bag], val_bags: Sequence[Bag], cfg: Config, *,
         device: torch.device, log_fn: Callable[[dict], None] | None = None,
-        optimizer: torch.optim.Optimizer | None = None) -> FitResult:
+        optimizer: FusedAdamW | torch.optim.Optimizer | None = None) -> FitResult:
     """Train for ``train.epochs`` with early stopping on validation AUC; restore the best state.
 
     The monitor is validation AUC of the classifier head; where validation holds one class it is the

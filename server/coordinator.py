@@ -1,11 +1,14 @@
 """``momkd-fed server``: the coordinator of a real federation, from SuperLink start to the HTML report.
 
-Steps: start a TLS SuperLink with SuperNode authentication and a state database (loopback; sites come through
-the reverse proxy) -> register every ``<certs>/sites/*.pub`` -> wait (bounded) until enough sites are online ->
-write the Flower app folder with the run's flat config -> ``flwr run`` -> one table row per round as the run
-folder's ``rounds.jsonl`` grows -> completion or failure from the run's status (``flwr ls``; ``flwr run`` exits 0
-even for a failed run) -> the HTML report. Every process started here (SuperLink, its ``flower-superexec`` and the
-ServerApp below it) is stopped by PID when the run ends, fails, or on Ctrl-C / SIGTERM.
+Steps: register every ``<certs>/sites/*.pub`` in the SuperLink's state database in one pass
+(:func:`server.control.register_keys_before_start`, in this process, before the SuperLink exists: no site can
+find it up but its key unknown) -> start a TLS SuperLink with SuperNode authentication on that database
+(loopback; sites come through the reverse proxy; a site started earlier has been retrying and connects now) ->
+wait (bounded) until enough sites are online -> write the Flower app folder with the run's flat config ->
+``flwr run`` -> one table row per round as the run folder's ``rounds.jsonl`` grows -> completion or failure from
+the run's status (Control API ``ListRuns``, as ``flwr ls``; ``flwr run`` exits 0 even for a failed run) -> the
+HTML report. Every process started here (SuperLink, its ``flower-superexec`` and the ServerApp below it) is
+stopped by PID when the run ends, fails, or on Ctrl-C / SIGTERM.
 
 ``--resume`` restarts the SuperLink on the same database (registered nodes and their ids survive, so SuperNodes
 reconnect with back-off) and submits a new run with ``run.resume=true``: the ServerApp continues from the run
@@ -40,8 +43,10 @@ from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODE
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
-from .deploy import (CONNECTION_NAME, FlowerProcess, LaunchError, flower_env, flwr_cli, list_nodes,
-                     register_site_keys, start_superlink, write_flwr_config)
+from momkd_fed.processes import FlowerProcess, LaunchError, flower_env
+
+from .control import ControlClient, register_keys_before_start
+from .deploy import CONNECTION_NAME, flwr_cli, site_keys, start_superlink, write_flwr_config
 from .simulate import RoundTable, final_lines
 
 log = logging.getLogger(__name__)
@@ -49,9 +54,10 @@ log = logging.getLogger(__name__)
 FLOWER_DIR = "flower"
 FINISHED = "finished"
 COMPLETED = "finished:completed"
-STATUS_EVERY = 10.0  # seconds between `flwr ls` checks (each costs a CLI start-up) ...
-STATUS_SOON = 2.0  # ... and once summary.json is written (the run is about to finish)
-NODES_EVERY = 3.0  # seconds between `flwr supernode ls` checks while waiting for sites
+STATUS_EVERY = 5.0  # seconds between run-status requests (Control API, this process) ...
+STATUS_SOON = 1.0  # ... and once summary.json is written (the run is about to finish)
+NODES_EVERY = 1.0  # seconds between node-list requests while waiting for sites
+SUBMIT_TIMEOUT = 600.0  # seconds for `flwr run` (builds and uploads the app bundle; minutes on a loaded machine)
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
 INSECURE_WARNING = ("--insecure: NO TLS and NO SuperNode authentication. Traffic is readable and anyone who "
                     "reaches the port can join the federation and receive the model. Testing only.")
@@ -107,7 +113,9 @@ class Coordinator:
         self.flower = self.out / FLOWER_DIR
         self.flwr_home = self.flower / "flwr_home"
         self.link: FlowerProcess | None = None
+        self.control: ControlClient | None = None  # the SuperLink's Control API, one connection
         self.site_nodes: dict[str, int] = {}  # site -> node id, for the messages
+        self.registration_seconds = 0.0  # how long registering every site key took (one pass)
 
     # ---------------------------------------------------------------------------------------------------------
     def check_bundle(self) -> None:
@@ -126,11 +134,22 @@ class Coordinator:
             raise CoordinatorError(f"{self.certs / 'sites'}: no site public keys (*.pub) to register (fix: "
                                    "provision sites with `momkd-fed certs`, or copy each site's <site>.pub there)")
 
-    def start(self, timeout: float = 90.0) -> None:
-        """Start the SuperLink on the run folder's database, write the CLI connection, register the site keys."""
+    def start(self, timeout: float = 300.0) -> None:
+        """Register the site keys in the run folder's SuperLink database, start the SuperLink on it, write the CLI
+        connection and open the Control-API connection."""
         self.check_bundle()
         self.flower.mkdir(parents=True, exist_ok=True)
         address = f"{_loopback(self.opts.host)}:{self.opts.port}"
+        if not self.opts.insecure:  # before the SuperLink starts: every key is there when it accepts a site
+            t0 = time.monotonic()
+            ids = register_keys_before_start(self.flower / "superlink.db", site_keys(self.certs))
+            self.registration_seconds = time.monotonic() - t0
+            known = self.flower / "site_nodes.json"  # registration names the node only the first time
+            self.site_nodes = json.loads(known.read_text()) if known.exists() else {}
+            self.site_nodes.update({s: n for s, n in ids.items() if n is not None})
+            known.write_text(json.dumps(self.site_nodes, indent=1) + "\n")
+            log.info("%d site keys registered in %.2f s: %s", len(ids), self.registration_seconds,
+                     ", ".join(sorted(ids)))
         try:
             self.link = start_superlink(self.certs, self.flower / "superlink.db", self.flower / "superlink.log",
                                         host=self.opts.host, port=self.opts.port, timeout=timeout,
@@ -142,19 +161,14 @@ class Coordinator:
                                        f"--port)") from exc
             raise
         self.link.track()
-        write_flwr_config(self.flwr_home, address, None if self.opts.insecure else self.certs / "ca.crt")
+        ca = None if self.opts.insecure else self.certs / "ca.crt"
+        write_flwr_config(self.flwr_home, address, ca)
         log.info("SuperLink up on %s (PID %d, state %s)", address, self.link.pid, self.flower / "superlink.db")
-        if not self.opts.insecure:
-            ids = register_site_keys(self.certs, self.flwr_home)
-            known = self.flower / "site_nodes.json"  # registration names the node only the first time
-            self.site_nodes = json.loads(known.read_text()) if known.exists() else {}
-            self.site_nodes.update({s: n for s, n in ids.items() if n is not None})
-            known.write_text(json.dumps(self.site_nodes, indent=1) + "\n")
-            log.info("site keys registered: %s", ", ".join(sorted(ids)))
+        self.control = ControlClient(address, ca)
 
     def online(self) -> list[int]:
         """Node ids the SuperLink reports online."""
-        return sorted(int(n["node-id"]) for n in list_nodes(self.flwr_home) if n.get("status") == "online")
+        return self._control().online()
 
     def wait_for_sites(self, n: int, say=log.info) -> list[int]:
         """Block until ``n`` nodes are online; CoordinatorError after ``opts.wait_sites`` seconds."""
@@ -183,7 +197,7 @@ class Coordinator:
         shutil.rmtree(app_dir, ignore_errors=True)
         opts = RunOptions(out_dir=str(self.out), resume=self.opts.resume, state_dir="")
         write_app_dir(app_dir, make_run_config(self.cfg, opts))
-        res = flwr_cli(["run", str(app_dir), CONNECTION_NAME], self.flwr_home, timeout=120.0)
+        res = flwr_cli(["run", str(app_dir), CONNECTION_NAME], self.flwr_home, timeout=SUBMIT_TIMEOUT)
         if not res.get("success") or res.get("run-id") is None:
             raise LaunchError(f"flwr run did not start the run: {res}")
         run_id = int(res["run-id"])
@@ -194,11 +208,7 @@ class Coordinator:
         """The run's status (``pending``, ``starting``, ``running``, ``finished:completed``, ...)."""
         if self.link is not None:
             self.link.track()
-        res = flwr_cli(["ls", CONNECTION_NAME, "--run-id", str(run_id)], self.flwr_home, timeout=60.0)
-        runs = res.get("runs") or []
-        if not res.get("success", True) or not runs:
-            raise LaunchError(f"flwr ls --run-id {run_id}: {res}")
-        return str(runs[0]["status"])
+        return self._control().run_status(run_id)
 
     def follow(self, run_id: int, table: RoundTable | None, offset: int) -> str:
         """Print rounds as they complete until the run finishes; returns its final status."""
@@ -232,11 +242,19 @@ class Coordinator:
 
     def stop(self) -> None:
         """Stop the SuperLink, its superexec and the ServerApp (by PID)."""
+        if self.control is not None:  # first: an open connection would hold up the SuperLink's shutdown
+            self.control.close()
+            self.control = None
         if self.link is not None:
             self.link.stop()
             self.link = None
 
     # ---------------------------------------------------------------------------------------------------------
+    def _control(self) -> ControlClient:
+        if self.control is None:
+            raise LaunchError("the coordinator's SuperLink is not started")
+        return self.control
+
     def _check_alive(self) -> None:
         if self.link is None or self.link.proc.poll() is not None:
             tail = self.link.tail(20) if self.link is not None else ""

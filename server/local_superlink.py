@@ -22,7 +22,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .deploy import FlowerProcess, LaunchError, _descendants, flower_env, flwr_cli, free_port
+from momkd_fed.processes import FlowerProcess, LaunchError, descendants, flower_env, free_port
+
+from .deploy import flwr_cli
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class LocalSuperLink:
         """Remember every process now below the SuperLink (with its process group) for :meth:`stop`."""
         if self.proc is None:
             return
-        for pid in _descendants(self.proc.pid):
+        for pid in descendants(self.proc.pid):
             if pid not in self._seen:
                 self._seen[pid] = _pgid(pid)
 

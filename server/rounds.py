@@ -32,6 +32,7 @@ from momkd_fed.privacy import check_privacy
 from momkd_fed.run_log import (BEST_MODEL_FILE, CONFIG_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, SUMMARY_FILE,
                                append_round, read_rounds, slide_weighted_mean, truncate_rounds, write_json_atomic)
 
+from client import records as R
 from client.run_config import RunOptions
 from client.site_runtime import build_initial_model
 from . import run_outputs, setup_rounds
@@ -57,6 +58,11 @@ def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds
         momentum=FedAvgMState(cfg.federation.server_lr, cfg.federation.server_momentum), n_genes=roster.n_genes,
         omics_mean=roster.omics_mean, omics_std=roster.omics_std, run_key=run_key, sites=roster.sites,
         accountant=run_outputs.new_accountant(cfg))
+
+
+def _arrivals(grid: Grid) -> dict[str, float]:
+    """Site -> seconds after the push at which its reply came, where the Grid records it (``QuickReplies``)."""
+    return {R.reply_site(m): round(s, 3) for m, s in getattr(grid, "arrivals", [])}
 
 
 def _test_key(monitor: str) -> str:
@@ -218,6 +224,7 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     fed = cfg.federation
     nodes = setup_rounds.wait_for_nodes(grid, max(fed.min_sites, len(cfg.sites)), fed.round_timeout)
+    t_setup = time.perf_counter()
     state = run_outputs.load_latest(run_dir, cfg) if opts.resume else None
     # the run key names each site's private state folder; the setup queries carry it too (site audit logs)
     run_key = state.run_key if state is not None else f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
@@ -237,35 +244,46 @@ def run_federation(grid: Grid, cfg: Config, opts: RunOptions) -> dict:
         run_outputs.restore_best_model(run_dir, cfg, state)
     strategy = MomkdFedAvgM(cfg, state, dict(roster.node_sites))
     monitor = monitor_key(fed.shared)
+    setup_seconds = time.perf_counter() - t_setup
+    log.info("setup done in %.1f s (%d sites)", setup_seconds, len(nodes))
     for rnd in range(state.round + 1, fed.rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(rnd, None, None, grid), timeout=fed.round_timeout)
+        arrived = {"train": _arrivals(grid)}
         replies, resend = strategy.split_cache_misses(rnd, replies)
         if resend:
             replies += list(grid.send_and_receive(resend, timeout=fed.round_timeout))
+        ta = time.perf_counter()
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if arrays is None:
             raise RuntimeError(f"round {rnd}: no usable training reply: {strategy.info.dropouts}")
         t1 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_evaluate(rnd, None, None, grid),
                                         timeout=fed.round_timeout)
+        arrived["evaluate"] = _arrivals(grid)
+        tb = time.perf_counter()
         strategy.aggregate_evaluate(rnd, replies)
         state.round = rnd
         state.calibration = {h: c.to_dict() for h, c in calibrate_pooled(cfg, strategy.info.calibration).items()}
         t2 = time.perf_counter()
-        row = round_row(rnd, strategy.info, {"train": t1 - t0, "evaluate": t2 - t1}, state.sites, monitor,
-                        state.calibration)
+        seconds = {"train": t1 - t0, "evaluate": t2 - t1, "aggregate": (t1 - ta) + (t2 - tb)}
+        if any(arrived.values()):
+            seconds["replies"] = arrived  # per site, when its reply came (seconds after the messages went out)
+        row = round_row(rnd, strategy.info, seconds, state.sites, monitor, state.calibration)
         took = state.best.offer(rnd, row["val_auc"]["pooled"], monitor)
+        t3 = time.perf_counter()
         run_outputs.save_round(run_dir, cfg, state, metrics={"test_auc": row["test_auc"]})
         if took:  # after the round checkpoint, which records the choice: resume rewrites a missed best_model.pt
             run_outputs.save_best_model(run_dir, cfg, state, metrics={"test_auc": row["test_auc"],
                                                                       "val_auc": row["val_auc"]})
+        row["seconds"]["checkpoint"] = time.perf_counter() - t3
         row["seconds"]["total"] = time.perf_counter() - t0
         append_round(run_dir, row)
         log.info("round %d/%d done in %.1f s: test AUC (%s) %s; pooled %s %.4f (best: round %d)", rnd, fed.rounds,
                  row["seconds"]["total"], row["test_auc_model"], row["test_auc"], monitor, row["val_auc"]["pooled"],
                  state.best.round)
     result = summary(cfg, run_dir, state, time.perf_counter() - t_start)
+    result["setup_seconds"] = setup_seconds  # once the sites were there: roster, genomic statistics, initial memory
     run_outputs.save_global_model(run_dir, cfg, state, metrics={"test_auc": result["test_auc"]})
     write_json_atomic(run_dir / SUMMARY_FILE, result)
     return result

@@ -3,9 +3,10 @@
 1. ``query.omics_moments`` to every site: each replies its name, whether it holds genomics, and per-gene sums,
    sums of squares and the case count over its *training* cases. The server pools them
    (``momkd_fed.data.omics.merge_moments``) into one mean/std per gene.
-2. ``query.kmeans_seed`` then ``memory.kmeans_iters`` x ``query.kmeans_step`` (``momkd_fed.federation.kmeans``):
-   a federated spherical k-means of the patch projections under the initial encoder; its centroids are the
-   initial memory, so slot j of class y is the same vector at every site.
+2. ``query.kmeans_seed`` then ``memory.kmeans_rounds`` x ``query.kmeans_step`` (``momkd_fed.federation.kmeans``):
+   a federated spherical k-means of the patch projections under the initial encoder, each step running
+   ``memory.kmeans_refine_iters`` Lloyd iterations at every site; its centroids are the initial memory, so slot j
+   of class y is the same vector at every site. Set-up is 2 + ``kmeans_rounds`` message exchanges in all.
 
 All replies are handled in site-name order (float sums independent of arrival order). A site whose setup reply
 is an error is left out of the statistics and logged; setup fails only if nobody replied usefully.
@@ -125,17 +126,18 @@ def initial_memory(grid: Grid, nodes: list[int], cfg: Config, shared: dict[str, 
     config = ConfigRecord({contract.CFG_ROUND: 0, R.CFG_N_GENES: int(n_genes), R.CFG_RUN_KEY: run_key})
     seed_msg = RecordDict({contract.ARRAYS_RECORD: R.to_record(shared), contract.CONFIG_RECORD: config})
     seeds = _stats(_good(_query(grid, nodes, contract.QUERY_KMEANS_SEED, seed_msg, timeout), "kmeans_seed"))
-    k, iters = cfg.memory.slots, cfg.memory.kmeans_iters
-    centroids = kmeans.kmeans_seed(seeds, k, iters, seed=cfg.train.seed)  # (2, K, S)
-    for it in range(iters):
+    mem = cfg.memory
+    centroids = kmeans.kmeans_seed(seeds, mem.slots, mem.kmeans_iters, seed=cfg.train.seed)  # (2, K, S)
+    refine = ConfigRecord({**config, contract.CFG_KMEANS_ITERS: int(mem.kmeans_refine_iters)})
+    for it in range(mem.kmeans_rounds):
         step_msg = RecordDict({contract.MEMORY_RECORD: R.to_record({contract.SLOTS: centroids}),
-                               contract.CONFIG_RECORD: config})
+                               contract.CONFIG_RECORD: refine})
         stats = _stats(_good(_query(grid, nodes, contract.QUERY_KMEANS_STEP, step_msg, timeout), "kmeans_step"))
         new, counts = kmeans.kmeans_update(centroids, stats)
         moved = float((new - centroids).norm(dim=-1).max())
         centroids = new
-        log.info("setup: k-means step %d/%d, largest centroid move %.2e, empty slots %d", it + 1, iters, moved,
-                 int((counts == 0).sum()))
+        log.info("setup: k-means refine %d/%d (%d local iterations per site), largest centroid move %.2e, empty "
+                 "slots %d", it + 1, mem.kmeans_rounds, mem.kmeans_refine_iters, moved, int((counts == 0).sum()))
         if moved < 1e-6:
             break
     return centroids

@@ -28,13 +28,13 @@ from momkd_fed.config import Config, load_config
 from momkd_fed.errors import ConfigError, MomkdError
 from momkd_fed.report import build_report
 from momkd_fed.heads import model_label
+from momkd_fed.processes import LaunchError
 from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, PREDICTIONS_DIR, ROUNDS_FILE,
                                SUMMARY_FILE, iter_rounds, json_safe, read_summary, write_json_atomic,
                                write_predictions_csv)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
-from .deploy import LaunchError
 from .local_superlink import COMPLETED, FINISHED, LocalSuperLink
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Helpers for the deployment end-to-end tests: a tiny 2-site federation, certificates, and the real
 ``momkd-fed server`` / ``momkd-fed client`` commands run as processes (optionally inside a network namespace).
 
-Every process is started through :class:`server.deploy.FlowerProcess` (output in a file, stopped by PID together
+Every process is started through :class:`momkd_fed.processes.FlowerProcess` (output in a file, stopped by PID together
 with everything below it); tests stop them in ``finally`` blocks. Each test gets a private ``FLWR_HOME``.
 """
 
@@ -19,9 +19,10 @@ from pathlib import Path
 import yaml
 
 from momkd_fed.certs import add_site, provision
-from server.deploy import FlowerProcess, _descendants
+from momkd_fed.processes import FlowerProcess, descendants
 
 SITES = ("hospital_a", "hospital_b")
+THREE_SITES = ("hospital_a", "hospital_b", "hospital_c")  # hospital_b holds no genomics in either federation
 MOMKD = [sys.executable, "-m", "momkd_fed.cli"]
 
 
@@ -29,18 +30,17 @@ def have_flower() -> bool:
     return shutil.which("flower-superlink") is not None and shutil.which("flower-supernode") is not None
 
 
-def make_federation(root: Path, **federation) -> Path:
-    """Synthesise the tiny federation with two sites (a paired one and a histology-only one) and write a test
-    config next to it: 2 rounds, one k-means step, one thread, short round timeout; ``federation`` overrides."""
+def make_federation(root: Path, sites: tuple[str, ...] = SITES, **federation) -> Path:
+    """Synthesise the tiny federation with ``sites`` (30 slides each; hospital_b histology-only) and write a test
+    config next to it: 2 rounds, every site needed, one thread, short round timeout; ``federation`` overrides."""
     from momkd_fed.synth import synthesize
 
-    data = root / "data"
+    data = root / f"data{len(sites)}"
     if not (data / "federation.yaml").exists():
-        synthesize("tiny", data, seed=0, sites=SITES, slides_per_site=(30, 30), prevalence=(0.4, 0.6),
-                   histology_only=("hospital_b",))
+        synthesize("tiny", data, seed=0, sites=sites, slides_per_site=(30,) * len(sites),
+                   prevalence=(0.4, 0.6, 0.5)[: len(sites)], histology_only=("hospital_b",))
     doc = yaml.safe_load((data / "federation.yaml").read_text())
-    doc["federation"].update({"rounds": 2, "min_sites": 2, "round_timeout": 150.0, **federation})
-    doc.setdefault("memory", {})["kmeans_iters"] = 1
+    doc["federation"].update({"rounds": 2, "min_sites": len(sites), "round_timeout": 150.0, **federation})
     doc.setdefault("train", {})["threads"] = 1
     name = "test_" + "_".join(f"{k}{v}" for k, v in sorted(federation.items())) + ".yaml"
     path = data / name
@@ -60,9 +60,9 @@ def site_yaml(config: Path, site: str, as_name: str, out: Path) -> Path:
     return out
 
 
-def make_certs(root: Path, hosts: list[str], intruder: bool = False):
-    """Provision the two sites (plus an ``intruder`` whose key the coordinator does NOT hold)."""
-    prov = provision(root / "certs", coordinator_hosts=hosts, sites=list(SITES))
+def make_certs(root: Path, hosts: list[str], intruder: bool = False, sites: tuple[str, ...] = SITES):
+    """Provision ``sites`` (plus an ``intruder`` whose key the coordinator does NOT hold)."""
+    prov = provision(root / "certs", coordinator_hosts=hosts, sites=list(sites))
     if intruder:
         add_site(root / "certs", "intruder")
         (prov.coordinator_dir / "sites" / "intruder.pub").unlink()  # issued, never registered
@@ -119,7 +119,7 @@ def rounds(out: Path) -> list[dict]:
 
 def kill_tree(p: FlowerProcess, include_self: bool = True) -> list[int]:
     """SIGKILL ``p``'s descendants (and ``p``): a crash, no chance to say goodbye. Returns the PIDs killed."""
-    pids = _descendants(p.pid) + ([p.pid] if include_self else [])
+    pids = descendants(p.pid) + ([p.pid] if include_self else [])
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -176,12 +176,12 @@ class Watch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from server.deploy import _start_time
+        from momkd_fed.processes import start_time
 
         while not self._stop.is_set():
-            for pid in _descendants(os.getpid()):
+            for pid in descendants(os.getpid()):
                 if pid not in self.seen:
-                    self.seen[pid] = (_start_time(pid), _cmdline(pid))
+                    self.seen[pid] = (start_time(pid), _cmdline(pid))
             self._stop.wait(0.3)
 
     def __enter__(self) -> "Watch":
@@ -193,6 +193,6 @@ class Watch:
         self._thread.join()
 
     def survivors(self) -> list[str]:
-        from server.deploy import _start_time
+        from momkd_fed.processes import start_time
 
-        return leftover({pid for pid, (t, _) in self.seen.items() if t and _start_time(pid) == t})
+        return leftover({pid for pid, (t, _) in self.seen.items() if t and start_time(pid) == t})

@@ -143,6 +143,50 @@ def test_cache_second_load_identical_and_notices_changes(tmp_path, monkeypatch):
     assert {p.name.split(".")[0] for p in cache.dir.glob("seg-*")} == segs  # unreferenced segments deleted
 
 
+def test_manifest_and_genomics_parsed_once_and_reparsed_when_changed(tmp_path, monkeypatch):
+    import momkd_fed.data.table_cache as tables
+
+    calls: list[str] = []
+    real_manifest, real_omics = tables.read_manifest, tables.read_omics
+    monkeypatch.setattr(tables, "read_manifest", lambda *a, **k: calls.append("manifest") or real_manifest(*a, **k))
+    monkeypatch.setattr(tables, "read_omics", lambda *a, **k: calls.append("omics") or real_omics(*a, **k))
+    site, cfg = make_site(tmp_path)
+    plain = load_site(site, cfg, use_cache=False)
+    first = load_site(site, cfg)
+    assert calls == ["manifest", "omics"]
+    second = load_site(site, cfg)
+    assert calls == ["manifest", "omics"]  # read from <cache>/tables, not parsed again
+    for data in (first, second):
+        assert [(b.slide_id, b.case_id, b.label, b.split) for b in data.bags] == \
+            [(b.slide_id, b.case_id, b.label, b.split) for b in plain.bags]
+        assert data.genes == plain.genes and data.excluded == plain.excluded
+        assert all((a.omics is None and b.omics is None) or torch.equal(a.omics, b.omics)
+                   for a, b in zip(data.bags, plain.bags))
+    # a changed genomics file and a changed label setting are parsed afresh
+    om = pd.read_csv(tmp_path / "omics.csv")
+    om["G1"] = 5.0
+    om.to_csv(tmp_path / "omics.csv", index=False)
+    third = load_site(site, cfg)
+    assert calls == ["manifest", "omics", "omics"]
+    assert all(float(b.omics[0]) == 5.0 for b in third.bags if b.omics is not None)
+    cfg.data.label_map = {"negative": 1, "positive": 0}
+    flipped = load_site(site, cfg)
+    assert calls[-1] == "manifest" and [b.label for b in flipped.bags] == [1 - b.label for b in third.bags]
+    # a fresh process finds both tables in the cache and never imports pandas
+    code = ("import sys; from momkd_fed.config import Config, DataConfig, SiteConfig; "
+            "from momkd_fed.data.site import load_site; "
+            f"s = SiteConfig(name='siteA', manifest={site.manifest!r}, features_dir={site.features_dir!r}, "
+            f"omics={site.omics!r}); c = Config(data=DataConfig(feature_dim={D}, knn_k=4, "
+            "label_map={'negative': 1, 'positive': 0}), sites=[s]); "
+            "d = load_site(s, c); print(len(d.bags), 'pandas' in sys.modules)")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["15", "False"]
+
+
 def test_corrupt_or_missing_feature_file_is_an_error(tmp_path):
     site, cfg = make_site(tmp_path)
     load_site(site, cfg)  # warm the cache

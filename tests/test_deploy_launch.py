@@ -17,8 +17,9 @@ from client.site_node import EXIT_DATA, default_state_dir, run_client
 from momkd_fed.certs import provision
 from momkd_fed.config import load_config
 from momkd_fed.errors import ConfigError
+from momkd_fed.processes import FlowerProcess, LaunchError
 from server.coordinator import Coordinator, CoordinatorError, ServerOptions, required_sites
-from server.deploy import FlowerProcess, superlink_command, write_flwr_config
+from server.deploy import superlink_command, write_flwr_config
 
 # what flower-supernode 1.42 logs in each case (recorded on loopback)
 LOG_UNREACHABLE = """WARNING :   Connection attempt failed, retrying in 1.27 seconds
@@ -128,7 +129,7 @@ def _alive(pid: int) -> bool:
 
 def test_child_dies_with_its_supervisor(tmp_path):
     """die_with_parent: a SIGKILLed supervisor does not leave its Flower process behind."""
-    code = ("import sys, time; sys.path[:0] = %r; from server.deploy import FlowerProcess; "
+    code = ("import sys, time; sys.path[:0] = %r; from momkd_fed.processes import FlowerProcess; "
             "p = FlowerProcess('sleeper', ['sleep', '60'], %r, {}, die_with_parent=True); "
             "print(p.pid, flush=True); time.sleep(60)") % (sys.path, str(tmp_path / "s.log"))
     sup = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -158,3 +159,39 @@ def test_stop_finds_reparented_helpers(tmp_path):
     assert _alive(helper)
     p.stop(timeout=5)
     assert not _alive(helper)
+
+
+def test_control_client_sends_again_after_a_dropped_connection_only():
+    """The SuperLink closes idle keep-alive connections after 5 s; a request that races it is sent again. Flower's
+    own errors (an HTTP answer) are not retried: they become a LaunchError with Flower's message."""
+    import httpx
+
+    from server.control import ControlClient
+
+    client = object.__new__(ControlClient)  # no SuperLink needed for the retry rule
+    client.address = "127.0.0.1:1"
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return "ok"
+
+    assert client._call(flaky, "read run 1") == "ok" and len(calls) == 3
+    calls.clear()
+
+    def refused():
+        calls.append(1)
+        raise httpx.HTTPStatusError("403", request=httpx.Request("POST", "https://x"),
+                                    response=httpx.Response(403, text="forbidden"))
+
+    with pytest.raises(LaunchError, match="could not list the nodes .* HTTP 403"):
+        client._call(refused, "list the nodes")
+    assert len(calls) == 1
+
+    def gone():
+        raise httpx.ConnectError("Connection refused")
+
+    with pytest.raises(LaunchError, match="Connection refused"):
+        client._call(gone, "list the nodes")

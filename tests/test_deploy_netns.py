@@ -20,7 +20,7 @@ import pytest
 
 from deploy_harness import (SITES, Watch, have_flower, make_certs, make_federation, rounds, run, start_client,
                             start_server, stop_all, wait_until)
-from server.deploy import FlowerProcess
+from momkd_fed.processes import FlowerProcess
 
 SCRIPT = Path(__file__).resolve().parents[1] / "deploy" / "netns" / "federation-netns.sh"
 RUN_TIMEOUT = 600.0

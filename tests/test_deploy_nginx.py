@@ -20,8 +20,9 @@ import pytest
 
 from client.deploy import start_supernode
 from momkd_fed.certs import provision
-from server.deploy import (FlowerProcess, LaunchError, flwr_cli, free_port, list_nodes,
-                           register_site_keys, start_superlink, write_flwr_config)
+from momkd_fed.processes import FlowerProcess, LaunchError, free_port
+from server.control import ControlClient
+from server.deploy import flwr_cli, register_site_keys, start_superlink, write_flwr_config
 
 CONF = Path(__file__).resolve().parents[1] / "deploy" / "nginx" / "momkd-fed.conf"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -89,7 +90,6 @@ def test_proxy_passes_fleet_only(tmp_path):
     conf = render_nginx(nginx_dir, prov.coordinator_dir, proxy_port, link_port)
     check = subprocess.run([NGINX, "-t", "-p", str(nginx_dir), "-c", str(conf)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    flwr_home = tmp_path / "flwr"
     procs: list[FlowerProcess] = []
     try:
         link = start_superlink(prov.coordinator_dir, tmp_path / "state.db", tmp_path / "superlink.log",
@@ -126,8 +126,8 @@ def test_proxy_passes_fleet_only(tmp_path):
             if not res.get("success"):
                 raise LaunchError(str(res))
         # ... only on loopback
-        write_flwr_config(flwr_home, f"127.0.0.1:{link_port}", ca)
-        ids = register_site_keys(prov.coordinator_dir, flwr_home)
+        control = ControlClient(f"127.0.0.1:{link_port}", ca)
+        ids = register_site_keys(prov.coordinator_dir, control)
 
         # a SuperNode connects through the proxy and comes online
         node, node_id = start_supernode(prov.site_dirs["hospital_a"], tmp_path / "sn.log", timeout=90,
@@ -135,7 +135,8 @@ def test_proxy_passes_fleet_only(tmp_path):
                                         node_config={"site": "hospital_a"})
         procs.append(node)
         assert node_id == ids["hospital_a"]
-        assert {n["node-id"]: n["status"] for n in list_nodes(flwr_home)}[str(node_id)] == "online"
+        assert {n["node-id"]: n["status"] for n in control.nodes()}[node_id] == "online"
+        control.close()
         access = (nginx_dir / "access.log").read_text()
         assert "POST /v1/fleet/activate-node HTTP/1.1\" 200" in access
     finally:

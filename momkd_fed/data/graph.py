@@ -11,7 +11,6 @@ import logging
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from ..errors import DataError
 
@@ -68,6 +67,8 @@ def knn_neighbors(coords: np.ndarray, k: int) -> torch.Tensor:
     if k_eff == 0:
         return torch.from_numpy(self_col.copy())  # (P, 1)
     exact = coords.astype(np.int64) if np.issubdtype(coords.dtype, np.integer) else coords.astype(np.float64)
+    from scipy.spatial import cKDTree  # here, not at import: ~1 s that most ClientApp messages never use
+
     tree = cKDTree(coords.astype(np.float64))
     out = np.empty((P, k_eff), dtype=np.int64)  # (P, k_eff)
     rows = np.arange(P)

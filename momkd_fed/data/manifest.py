@@ -6,11 +6,13 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from .bag import SPLITS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ def normalize_label(value: object) -> str | None:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd  # here, not at import: a ClientApp that finds the manifest in the site cache never needs it
+
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
         return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from ..errors import DataError
@@ -77,6 +76,8 @@ def read_omics(path: str | Path, gene_panel: list[str] | None = None, log1p: boo
 
 
 def _read_matrix(path: Path, panel: list[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    import pandas as pd  # here, not at import: a ClientApp that finds the table in the site cache never needs it
+
     p = str(path)
     suffix = path.suffix.lower()
     try:

@@ -15,6 +15,7 @@ from .cache import SlideCache, load_slides
 from .manifest import Manifest, read_manifest
 from .omics import Omics, read_omics
 from .splits import patient_splits
+from .table_cache import cached_manifest, cached_omics
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def load_site(site: SiteConfig, cfg: Config, use_cache: bool = True) -> SiteData
     ----------
     site : the site's paths (manifest, features_dir, optional omics).
     cfg : the federation config (label column/map, feature_dim, knn_k, gene panel, splits, cache_dir).
-    use_cache : read/write the site-local slide cache (see :mod:`momkd_fed.data.cache`).
+    use_cache : read/write the site-local slide cache (see :mod:`momkd_fed.data.cache`) and the parsed manifest
+        and genomics beside it (:mod:`momkd_fed.data.table_cache`).
 
     Returns
     -------
@@ -98,16 +100,23 @@ def load_site(site: SiteConfig, cfg: Config, use_cache: bool = True) -> SiteData
     DataError for a missing/invalid manifest, features_dir or genomics, and for a missing, ambiguous or corrupt
     feature file of a labelled slide (never substituted).
     """
-    manifest = read_manifest(site.manifest, cfg.data.label_column, cfg.data.label_map, site.split_column)
+    cache = site_cache(site, cfg) if use_cache else None
+    if cache is not None:  # parsed tables from the cache folder (no pandas in a process that finds them there)
+        manifest = cached_manifest(cache.dir, site.manifest, cfg.data.label_column, cfg.data.label_map,
+                                   site.split_column)
+    else:
+        manifest = read_manifest(site.manifest, cfg.data.label_column, cfg.data.label_map, site.split_column)
     files, problems = resolve_feature_files(site.features_dir, [r.slide_id for r in manifest.rows])
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more feature-file problems; run momkd-fed check-data)" \
             if len(problems) > 1 else ""
         raise DataError(first.path, first.problem + more, first.fix)
-    cache = site_cache(site, cfg) if use_cache else None
     slides = load_slides(files, cfg.data.feature_dim, cfg.data.knn_k, cache)
-    omics: Omics | None = read_omics(site.omics, cfg.data.gene_panel, cfg.data.omics_log1p) if site.omics else None
+    omics: Omics | None = None
+    if site.omics:
+        omics = (cached_omics(cache.dir, site.omics, cfg.data.gene_panel, cfg.data.omics_log1p) if cache is not None
+                 else read_omics(site.omics, cfg.data.gene_panel, cfg.data.omics_log1p))
 
     excluded = list(manifest.excluded)
     usable = []

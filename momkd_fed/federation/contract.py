@@ -42,9 +42,9 @@ Every site reply (train, evaluate, queries) also carries the ``"site"`` ConfigRe
 
 Queries (before round 1, see ``kmeans``): :data:`QUERY_KMEANS_SEED` (server sends ``"arrays"``; reply
 ``"kmeans"`` with :data:`KMEANS_KEYS` = the sums (2,K,S) and counts (2,K) of the site's own K local clusters per
-class), :data:`QUERY_KMEANS_STEP` (server sends ``"arrays"`` and ``"memory"`` slots; reply ``"kmeans"`` with the
-sums and counts of the points assigned to each slot), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the
-genomic moments of ``momkd_fed.data.omics``: :data:`MOMENT_KEYS`). Server -> site train messages carry the
+class), :data:`QUERY_KMEANS_STEP` (server sends ``"memory"`` slots and :data:`CFG_KMEANS_ITERS`; reply
+``"kmeans"`` with the sums and counts of the points assigned to each slot after that many local Lloyd
+iterations), :data:`QUERY_OMICS_MOMENTS` (reply ``"omics"`` with the genomic moments of ``momkd_fed.data.omics``: :data:`MOMENT_KEYS`). Server -> site train messages carry the
 federation's z-score statistics in ``"omics"`` under :data:`NORM_KEYS`.
 
 Flower's built-in strategies need exactly one ArrayRecord and one MetricRecord per reply, the same metric keys
@@ -106,6 +106,8 @@ CFG_CACHED_ROUND = "cached-round"  # int, train messages only, optional: the mes
 # they are those of this round's evaluate message, which the site cached (client/site_state.py)
 CACHE_MISS_RECORD = "cache-miss"  # ConfigRecord of a train reply {CFG_CACHED_ROUND: r}: the site lacks round r's
 # cached weights (nothing trained); the server resends the message in full
+CFG_KMEANS_ITERS = "kmeans-iters"  # int, kmeans_step queries only: Lloyd iterations the site runs from the sent
+# slots on its own points before it replies (1, or absent: the sums/counts of one exact federated Lloyd step)
 
 # ---- query names (Python identifiers: Flower custom actions) -----------------------------------------------------
 QUERY_KMEANS_SEED = "kmeans_seed"

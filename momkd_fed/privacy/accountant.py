@@ -38,8 +38,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from scipy import optimize, special
-
 from ..errors import ConfigError
 
 CONVERSIONS = ("improved", "standard")
@@ -89,6 +87,8 @@ def epsilon_from_rho(rho: float, delta: float, conversion: str = "improved") -> 
     # it (eps is smooth and unimodal in alpha > 1 for this curve).
     a0 = 1.0 + math.sqrt(log_inv_delta / rho)
     u0 = math.log(a0 - 1.0)  # search u = log(alpha - 1) within a factor e^8 of the standard optimum
+    from scipy import optimize  # here, not at import: only a run with differential privacy needs it
+
     res = optimize.minimize_scalar(lambda u: eps(1.0 + math.exp(u)), bounds=(u0 - 8.0, min(u0 + 8.0, 16.0)),
                                    method="bounded", options={"xatol": 1e-10})
     return max(0.0, float(min(res.fun, eps(a0))))
@@ -102,6 +102,7 @@ def gaussian_epsilon_exact(mu: float, delta: float) -> float:
     """
     if mu <= 0.0:
         return 0.0
+    from scipy import optimize, special  # here, not at import: only a run with differential privacy needs it
 
     def gap(e: float) -> float:
         # log-space for the second term keeps exp(eps) * Phi(..) finite for large eps
