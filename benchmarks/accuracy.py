@@ -448,8 +448,13 @@ def run_fed_variant(cfg: Config, out: Path) -> dict:
     last = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
     keep_memory = lambda res: {"sites": {s: {"memory": v["memory"], "n": v["n"]} for s, v in res["sites"].items()},
                                "pooled": {"memory": res["pooled"]["memory"]}}  # noqa: E731
+    from momkd_fed.run_log import read_rounds
+
+    curve = [{"round": r["round"], "val_pooled": r["val_auc"]["pooled"], "memory_test": r["test_auc"]["pooled"],
+              "personal_test": r["test_auc_personal"]["pooled"], "seconds": r["seconds"].get("total")}
+             for r in read_rounds(out)]  # slide-weighted means of the sites' AUCs, per round
     return {"global": keep_memory(glob), "global_last_round": keep_memory(last), "best_round": best_round,
-            "rounds_completed": summary.get("rounds_completed"),
+            "rounds_completed": summary.get("rounds_completed"), "curve": curve,
             "personal": personal_classifier_aucs(out, best_round),
             "seconds_federation": summary.get("seconds")}
 
