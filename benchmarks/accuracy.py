@@ -185,7 +185,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             key, eq, value = kv.partition("=")
             if not eq:
                 p.error(f"--variant {item!r}: {kv!r} is not KEY=VALUE")
-            ov[key.strip()] = yaml.safe_load(value)
+            ov[key.strip()] = _value(value)
         a.variants[name.strip()] = ov
     if a.fed_variants is not None:
         a.fed_variants = [v.strip() for v in a.fed_variants.split(",") if v.strip()]
@@ -219,8 +219,19 @@ def model_overrides(a: argparse.Namespace) -> dict:
         ov["train.lr"] = a.lr
     for item in a.set:
         key, _, value = item.partition("=")
-        ov[key.strip()] = yaml.safe_load(value)
+        ov[key.strip()] = _value(value)
     return ov
+
+
+def _value(text: str):
+    """A command-line value as YAML reads it, and numbers YAML 1.1 leaves as strings (``1e-4``) as floats."""
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
 
 
 def with_overrides(cfg: Config, ov: dict) -> Config:
