@@ -148,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                    help="define (or redefine) a federated variant for --fed-variants, e.g. "
                         "--variant 'prox3:federation.prox_mu=3' (repeatable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="--fed-variants: print the tables of what results.jsonl holds; run nothing")
     p.add_argument("--out", default="runs/accuracy", help="output folder (cohorts are cached under it)")
     p.add_argument("--shared-data", default=None, help="folder holding tcga_brca/ (default: ../shared/data)")
     p.add_argument("--keep-runs", action="store_true", help="keep every run folder (default: delete after use)")
@@ -544,7 +546,7 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
             for setting, variant, vov, cfg in fed_variant_runs(a, seeded):
                 row = {"mode": "fed-variants", "task": task, "seed": seed, "setting": setting, "model": "momkd",
                        "variant": variant, "variant_overrides": vov, "overrides": ov}
-                if _row_key(row) in done:
+                if _row_key(row) in done or a.report_only:
                     continue
                 run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{variant}"
                 claim = run_dir.parent / f".claim-{setting}-{variant}"
@@ -575,7 +577,8 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
                     shutil.rmtree(run_dir, ignore_errors=True)
     rows = [r for r in _read_rows(results_path, ov) if r["task"] in a.tasks and r["seed"] in a.seeds]
     md = report_fed_variants(a, argv, rows, genomic, histo, time.perf_counter() - t_start)
-    (out / "results_fed_variants.md").write_text(md)
+    if not a.report_only:
+        (out / "results_fed_variants.md").write_text(md)
     print(md)
     return 0
 
