@@ -93,6 +93,8 @@ FED_VARIANTS: dict[str, dict] = {
     "fedadam": {"federation.server_optimizer": "fedadam", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "fedyogi": {"federation.server_optimizer": "fedyogi", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "cosine": {"federation.lr_schedule": "cosine"},
+    # the classifier head and its temperature averaged too: every site's classifier is then the global one
+    "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
     "steps32": {"federation.local_steps": 32},
     "reset_opt": {"federation.reset_optimizer": True},
     "decoder_shared": {"federation.shared": _DEFAULT_SHARED + ["omics_decoder."],
