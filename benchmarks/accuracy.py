@@ -93,6 +93,8 @@ FED_VARIANTS: dict[str, dict] = {
     "fedadam": {"federation.server_optimizer": "fedadam", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "fedyogi": {"federation.server_optimizer": "fedyogi", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "cosine": {"federation.lr_schedule": "cosine"},
+    "mem_mom0": {"federation.memory_momentum": 0.0},  # the merged memory taken whole, as the encoders' average is
+    "lr2x": {"train.lr": 4e-4},  # twice the local lr (the centralised reference keeps the config's)
     # the classifier head and its temperature averaged too: every site's classifier is then the global one
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
     "steps32": {"federation.local_steps": 32},
