@@ -93,7 +93,7 @@ FED_VARIANTS: dict[str, dict] = {
     "fedadam": {"federation.server_optimizer": "fedadam", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "fedyogi": {"federation.server_optimizer": "fedyogi", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "cosine": {"federation.lr_schedule": "cosine"},
-    "mem_mom0": {"federation.memory_momentum": 0.0},  # the merged memory taken whole, as the encoders' average is
+    "mem_mom0": {"federation.slot_momentum": 0.0},  # the merged slots taken whole, as the encoders' average is
     "lr2x": {"train.lr": 4e-4},  # twice the local lr (the centralised reference keeps the config's)
     # the classifier head and its temperature averaged too: every site's classifier is then the global one
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
@@ -515,8 +515,22 @@ def fed_variant_runs(a: argparse.Namespace, base: Config) -> list[tuple[str, str
 
 
 def _row_key(r: dict) -> tuple:
+    """What identifies a run: task, seed, setting, variant and its overrides, and the resolved config's fingerprint
+    (so that a changed default reruns what it affects; rows written before fingerprints match without one)."""
     return (r["task"], r["seed"], r["setting"], r["variant"], json.dumps(r.get("variant_overrides", {}),
                                                                         sort_keys=True))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A short hash of every setting of ``cfg`` except the site paths (the cohort is named by --out and the task)."""
+    import hashlib
+
+    flat = {k: v for k, v in to_flat(cfg).items() if k != "sites"}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _is_done(row: dict, rows: list[dict]) -> bool:
+    return any(_row_key(r) == _row_key(row) and r.get("config", row["config"]) == row["config"] for r in rows)
 
 
 def _read_rows(path: Path, ov: dict) -> list[dict]:
@@ -539,7 +553,8 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
     t_start = time.perf_counter()
     ov = model_overrides(a)
     results_path = out / "results.jsonl"
-    done = {_row_key(r) for r in _read_rows(results_path, ov)}
+    done = _read_rows(results_path, ov)
+    planned: list[dict] = []  # what this invocation's tables show: the rows of these runs, this config
     genomic, histo = {}, {}
     for task in a.tasks:
         base = with_overrides(load_config(cohort(a, task)), ov)
@@ -549,15 +564,16 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
             seeded = with_overrides(base, {"train.seed": seed})
             for setting, variant, vov, cfg in fed_variant_runs(a, seeded):
                 row = {"mode": "fed-variants", "task": task, "seed": seed, "setting": setting, "model": "momkd",
-                       "variant": variant, "variant_overrides": vov, "overrides": ov}
-                if _row_key(row) in done or a.report_only:
+                       "variant": variant, "variant_overrides": vov, "overrides": ov, "config": config_fingerprint(cfg)}
+                planned.append(dict(row))
+                if _is_done(row, done) or a.report_only:
                     continue
                 run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{variant}"
                 claim = run_dir.parent / f".claim-{setting}-{variant}"
                 if not _claim(claim):
                     log.info("%s seed %d %s %s: another process is on it", task, seed, setting, variant)
                     continue
-                if _row_key(row) in {_row_key(r) for r in _read_rows(results_path, ov)}:  # done meanwhile
+                if _is_done(row, _read_rows(results_path, ov)):  # done meanwhile by another process
                     claim.unlink(missing_ok=True)
                     continue
                 t0 = time.perf_counter()
@@ -579,7 +595,8 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
                          row.get("error") or _fed_short(row["result"], setting))
                 if not a.keep_runs and "error" not in row:
                     shutil.rmtree(run_dir, ignore_errors=True)
-    rows = [r for r in _read_rows(results_path, ov) if r["task"] in a.tasks and r["seed"] in a.seeds]
+    rows = _read_rows(results_path, ov)
+    rows = [next(r for r in reversed(rows) if _is_done(want, [r])) for want in planned if _is_done(want, rows)]
     md = report_fed_variants(a, argv, rows, genomic, histo, time.perf_counter() - t_start)
     if not a.report_only:
         (out / "results_fed_variants.md").write_text(md)

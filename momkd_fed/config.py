@@ -131,7 +131,8 @@ class FederationConfig:
     server_beta1: float = 0.9  # FedAdam/FedYogi first-moment decay (Flower's default)
     server_beta2: float = 0.99  # FedAdam/FedYogi second-moment decay (Flower's default)
     server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity (Flower's default)
-    memory_momentum: float = 0.5  # mu_s: C <- normalise(mu_s*C + (1-mu_s)*merged)
+    memory_momentum: float = 0.5  # ema mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged assigned means)
+    slot_momentum: float = 0.5  # gradient mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged trained slots)
     shared: list[str] = field(  # state-dict key prefixes that leave a site (averaged)
         default_factory=lambda: ["histology_encoder.", "patch_proj.", "slide_proj.", "omics_encoder.", "omics_proj."]
     )
@@ -287,8 +288,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.hidden_dim: {cfg.model.hidden_dim} is not divisible by model.heads={cfg.model.heads}")
     if not 0.0 <= cfg.memory.momentum < 1.0:
         raise ConfigError(f"memory.momentum: must be in [0, 1), got {cfg.memory.momentum}")
-    if not 0.0 <= cfg.federation.memory_momentum < 1.0:
-        raise ConfigError(f"federation.memory_momentum: must be in [0, 1), got {cfg.federation.memory_momentum}")
+    for key in ("memory_momentum", "slot_momentum"):
+        if not 0.0 <= getattr(cfg.federation, key) < 1.0:
+            raise ConfigError(f"federation.{key}: must be in [0, 1), got {getattr(cfg.federation, key)}")
     fed = cfg.federation
     if fed.local_steps < 0:
         raise ConfigError(f"federation.local_steps: must be >= 0 (0 = whole local epochs), got {fed.local_steps}")

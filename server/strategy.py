@@ -49,7 +49,8 @@ from flwr.serverapp.strategy import FedAvgM
 from momkd_fed.config import Config
 from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import SharedUpdate
-from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
+from momkd_fed.federation.memory_merge import (MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots,
+                                               server_memory_momentum)
 from momkd_fed.federation.replies import SiteReply
 from momkd_fed.federation.schedule import round_lr
 from momkd_fed.federation.sharing import histology_only_part, paired_only_keys
@@ -309,7 +310,8 @@ class MomkdFedAvgM(FedAvgM):
         st.shared = st.momentum.step(st.shared, avg.weights, avg.frozen, server_round=server_round)
         self.info.frozen_keys = len(avg.frozen)
         if st.slots is not None and self.memory_mode != "frozen":
-            mu, floor = self.cfg.federation.memory_momentum, self.cfg.federation.min_slot_count
+            mu = server_memory_momentum(self.cfg.federation, self.memory_mode)
+            floor = self.cfg.federation.min_slot_count
             if self.memory_mode == "ema":
                 st.slots, merge = merge_memory(st.slots, [MemoryAggregate.from_arrays(_np(r.memory)) for r in kept], mu,
                                                floor)
