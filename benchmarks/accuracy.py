@@ -34,6 +34,18 @@ Usage::
 
 Results: ``<out>/results.jsonl`` (one row per trained model), ``<out>/summary.json`` and ``<out>/results.md``
 (the tables, with the settings and the command line).
+
+``--fed-variants NAME,...`` (issue 14: is the federation as good as centralised?) runs, per task and seed, the
+named federated MoMKD variants (:data:`FED_VARIANTS`, or ``--variant NAME:key=value,...``; each a set of config
+overrides on top of the defaults) side by side on the same cohort and splits, with the federation's DEFAULT sharing
+(classifier head private), plus the centralised MoMKD run and MoMKD trained alone at each histology-only site, and
+tabulates the product heads: the global model's memory head (``best_model.pt``, the round chosen by pooled
+validation) and the sites' personal classifiers (:func:`personal_classifier_aucs`) against the centralised model's
+memory head and classifier; mean ± std over seeds and the per-seed differences to centralised. Resumable (a rerun
+skips what ``results.jsonl`` holds; failed runs are retried) and safe to run in several processes side by side on
+the same ``--out`` (each run is claimed by one process)::
+
+    python benchmarks/accuracy.py --medium --fed-variants default,prox1 --tasks odx --seeds 0,1 --out runs/fedgap
 """
 
 from __future__ import annotations
@@ -68,6 +80,29 @@ log = logging.getLogger("accuracy")
 TASKS = ("her2", "pr", "odx")
 PARTS = ("pooled", "local", "federated", "privacy", "ablations")
 ABMIL_SHARED = ["embed.", "attn_v.", "attn_u.", "attn_w.", "classifier."]
+_DEFAULT_SHARED = ["histology_encoder.", "patch_proj.", "slide_proj.", "omics_encoder.", "omics_proj."]
+# Federated MoMKD variants for --fed-variants (issue 14): flat config overrides on top of the defaults (which keep
+# the classifier head private). "default" is today's federation; the others change one thing each.
+FED_VARIANTS: dict[str, dict] = {
+    "default": {},
+    "prox1": {"federation.prox_mu": 1.0},  # FedProx; mu = 1 halves a local epoch's encoder drift here
+    "prox0.1": {"federation.prox_mu": 0.1},
+    "server_lr2": {"federation.server_lr": 2.0},  # FedAvg with server lr 2: twice the averaged step
+    # server momentum: 3x the averaged step where rounds agree, round-to-round noise damped
+    "fedavgm": {"federation.server_momentum": 0.9, "federation.server_lr": 0.3},
+    # Flower's FedAdam / FedYogi; eta and tau sized to this federation's averaged step (~3e-4 per weight and round)
+    "fedadam": {"federation.server_optimizer": "fedadam", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
+    "fedyogi": {"federation.server_optimizer": "fedyogi", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
+    "cosine": {"federation.lr_schedule": "cosine"},
+    "mem_mom0": {"federation.slot_momentum": 0.0},  # the merged slots taken whole, as the encoders' average is
+    "lr2x": {"train.lr": 4e-4},  # twice the local lr (the centralised reference keeps the config's)
+    # the classifier head and its temperature averaged too: every site's classifier is then the global one
+    "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
+    "steps32": {"federation.local_steps": 32},
+    "reset_opt": {"federation.reset_optimizer": True},
+    "decoder_shared": {"federation.shared": _DEFAULT_SHARED + ["omics_decoder."],
+                       "federation.paired_only": ["omics_encoder.", "omics_proj.", "omics_decoder."]},
+}
 MOMKD_SHARED_EXTRA = ["classifier.", "log_tau"]  # the global model needs a trained head and its temperature
 
 
@@ -112,6 +147,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--extra-seeds", default=None,
                    help="seeds for the privacy and ablation parts (default: --seeds)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2, 1 with --quick)")
+    p.add_argument("--fed-variants", default=None, metavar="NAME,...",
+                   help="issue 14 mode: these federated MoMKD variants (names of FED_VARIANTS or --variant) beside "
+                        "centralised MoMKD and MoMKD alone at the histology-only sites; --parts is ignored")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="define (or redefine) a federated variant for --fed-variants, e.g. "
+                        "--variant 'prox3:federation.prox_mu=3' (repeatable)")
+    p.add_argument("--report-only", action="store_true",
+                   help="--fed-variants: print the tables of what results.jsonl holds; run nothing")
     p.add_argument("--out", default="runs/accuracy", help="output folder (cohorts are cached under it)")
     p.add_argument("--shared-data", default=None, help="folder holding tcga_brca/ (default: ../shared/data)")
     p.add_argument("--keep-runs", action="store_true", help="keep every run folder (default: delete after use)")
@@ -139,6 +182,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            + [m for m in a.models if m not in ("momkd", "abmil")])
     if bad:
         p.error(f"unknown task/part {bad}")
+    a.variants = dict(FED_VARIANTS)
+    for item in a.variant:
+        name, sep, body = item.partition(":")
+        if not sep or not name.strip():
+            p.error(f"--variant {item!r}: expected NAME:KEY=VALUE,...")
+        ov = {}
+        for kv in filter(None, (x.strip() for x in body.split(","))):
+            key, eq, value = kv.partition("=")
+            if not eq:
+                p.error(f"--variant {item!r}: {kv!r} is not KEY=VALUE")
+            ov[key.strip()] = _value(value)
+        a.variants[name.strip()] = ov
+    if a.fed_variants is not None:
+        a.fed_variants = [v.strip() for v in a.fed_variants.split(",") if v.strip()]
+        unknown = [v for v in a.fed_variants if v not in a.variants]
+        if unknown or not a.fed_variants:
+            p.error(f"--fed-variants: unknown {unknown}; known: {', '.join(a.variants)}")
     return a
 
 
@@ -166,8 +226,19 @@ def model_overrides(a: argparse.Namespace) -> dict:
         ov["train.lr"] = a.lr
     for item in a.set:
         key, _, value = item.partition("=")
-        ov[key.strip()] = yaml.safe_load(value)
+        ov[key.strip()] = _value(value)
     return ov
+
+
+def _value(text: str):
+    """A command-line value as YAML reads it, and numbers YAML 1.1 leaves as strings (``1e-4``) as floats."""
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            pass
+    return v
 
 
 def with_overrides(cfg: Config, ov: dict) -> Config:
@@ -335,6 +406,321 @@ def execute(setting: str, cfg: Config, out: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# --fed-variants (issue 14): federated variants vs centralised, on the product heads
+
+
+def personal_classifier_aucs(run_dir: Path, best_round: int | None) -> dict:
+    """Each site's personal classifier test AUC, as the federation reports it today.
+
+    The personal model of a site is the global encoders and memory of a round plus the site's own private
+    classifier head and temperature (trained in that round; ``client.local_round.evaluate_round``); every
+    evaluate reply carries its test and validation AUC (``rounds.jsonl`` -> ``evaluate.<site>.personal``). The
+    round read is the one the site itself would choose: the best personal validation AUC on its own validation
+    split (ties: the earlier round; no finite value: the last round). Also kept: the values at the federation's
+    best round (``best_model.pt``) and at the last round. Per-slide outputs never leave a site, so there is no
+    AUC over the union of all sites' test slides here. (Issue 12 adds ``personal_model.pt`` per site; phase 2 reads
+    that file here instead.)
+
+    Returns
+    -------
+    dict
+        ``{"sites": {site: {"classifier": test AUC, "round": r, "val_auc": v}}, "at_best_round": {site: AUC},
+        "at_last_round": {site: AUC}, "rule": str}``
+    """
+    from momkd_fed.run_log import read_rounds
+
+    rows = read_rounds(run_dir)
+    if not rows:
+        raise RuntimeError(f"{run_dir}: no rounds.jsonl rows to read the personal classifiers from")
+
+    def pers(row: dict, site: str, key: str) -> float:
+        v = row.get("evaluate", {}).get(site, {}).get("personal", {}).get(key)
+        return math.nan if v is None else float(v)
+
+    sites = sorted({s for r in rows for s in r.get("evaluate", {})})
+    out: dict = {"sites": {}, "rule": "own validation split: best personal val AUC (ties: earlier round)"}
+    for site in sites:
+        chosen, best = rows[-1], -math.inf
+        for r in rows:
+            v = pers(r, site, "val_auc")
+            if math.isfinite(v) and v > best:
+                chosen, best = r, v
+        out["sites"][site] = {"classifier": pers(chosen, site, "test_auc"), "round": chosen["round"],
+                              "val_auc": best if math.isfinite(best) else math.nan}
+    by_round = {r["round"]: r for r in rows}
+    best_row = by_round.get(best_round or -1, rows[-1])
+    out["at_best_round"] = {s: pers(best_row, s, "test_auc") for s in sites}
+    out["at_last_round"] = {s: pers(rows[-1], s, "test_auc") for s in sites}
+    return out
+
+
+def run_fed_variant(cfg: Config, out: Path) -> dict:
+    """One federated MoMKD run with the config as given (default sharing): the product heads' test AUCs."""
+    from server.simulate import run_simulation
+
+    status, summary = run_simulation(cfg, out)
+    if summary is None:
+        raise RuntimeError(f"federated run did not complete: {status} (see {out / 'flower' / 'run.log'})")
+    best_round = summary.get("best", {}).get("round")
+    glob = evaluate_checkpoint(out / "best_model.pt", cfg, cfg.sites)
+    last = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
+    keep_memory = lambda res: {"sites": {s: {"memory": v["memory"], "n": v["n"]} for s, v in res["sites"].items()},
+                               "pooled": {"memory": res["pooled"]["memory"]}}  # noqa: E731
+    from momkd_fed.run_log import read_rounds
+
+    curve = [{"round": r["round"], "val_pooled": r["val_auc"]["pooled"], "memory_test": r["test_auc"]["pooled"],
+              "personal_test": r["test_auc_personal"]["pooled"], "seconds": r["seconds"].get("total")}
+             for r in read_rounds(out)]  # slide-weighted means of the sites' AUCs, per round
+    return {"global": keep_memory(glob), "global_last_round": keep_memory(last), "best_round": best_round,
+            "rounds_completed": summary.get("rounds_completed"), "curve": curve,
+            "personal": personal_classifier_aucs(out, best_round),
+            "seconds_federation": summary.get("seconds")}
+
+
+def run_alone(cfg: Config, out: Path) -> dict:
+    """MoMKD trained on each histology-only site alone (the sites whose gain from the federation is claimed)."""
+    alone = dataclasses.replace(cfg, sites=[s for s in cfg.sites if not s.omics])
+    return run_local(alone, out)
+
+
+def _claim(path: Path) -> bool:
+    """Claim a run for this process (a file holding our PID); False while another live process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # a stale claim (its process is gone): take it over
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def fed_variant_runs(a: argparse.Namespace, base: Config) -> list[tuple[str, str, dict, Config]]:
+    """(setting, variant, variant overrides, config) of one task and seed: centralised, alone, the variants."""
+    momkd = with_overrides(base, {"model.name": "momkd"})
+    runs = [("pooled", "centralised", {}, momkd), ("alone", "alone", {}, momkd)]
+    for name in a.fed_variants:
+        ov = a.variants[name]
+        runs.append(("federated", name, ov, with_overrides(momkd, ov)))
+    return runs
+
+
+def _row_key(r: dict) -> tuple:
+    """What identifies a run: task, seed, setting, variant and its overrides, and the resolved config's fingerprint
+    (so that a changed default reruns what it affects; rows written before fingerprints match without one)."""
+    return (r["task"], r["seed"], r["setting"], r["variant"], json.dumps(r.get("variant_overrides", {}),
+                                                                        sort_keys=True))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """A short hash of every setting of ``cfg`` except the site paths (the cohort is named by --out and the task)."""
+    import hashlib
+
+    flat = {k: v for k, v in to_flat(cfg).items() if k != "sites"}
+    return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _is_done(row: dict, rows: list[dict]) -> bool:
+    return any(_row_key(r) == _row_key(row) and r.get("config", row["config"]) == row["config"] for r in rows)
+
+
+def _read_rows(path: Path, ov: dict) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r.get("overrides") == json.loads(json.dumps(ov)) and r.get("mode") == "fed-variants" \
+                    and "error" not in r:
+                rows.append(r)
+    return rows
+
+
+def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
+    """The --fed-variants mode (see the module docstring)."""
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    ov = model_overrides(a)
+    results_path = out / "results.jsonl"
+    done = _read_rows(results_path, ov)
+    planned: list[dict] = []  # what this invocation's tables show: the rows of these runs, this config
+    genomic, histo = {}, {}
+    for task in a.tasks:
+        base = with_overrides(load_config(cohort(a, task)), ov)
+        genomic[task] = [s.name for s in base.sites if s.omics]
+        histo[task] = [s.name for s in base.sites if not s.omics]
+        for seed in a.seeds:
+            seeded = with_overrides(base, {"train.seed": seed})
+            for setting, variant, vov, cfg in fed_variant_runs(a, seeded):
+                row = {"mode": "fed-variants", "task": task, "seed": seed, "setting": setting, "model": "momkd",
+                       "variant": variant, "variant_overrides": vov, "overrides": ov, "config": config_fingerprint(cfg)}
+                planned.append(dict(row))
+                if _is_done(row, done) or a.report_only:
+                    continue
+                run_dir = out / "runs" / task / f"seed{seed}" / f"{setting}-{variant}"
+                claim = run_dir.parent / f".claim-{setting}-{variant}"
+                if not _claim(claim):
+                    log.info("%s seed %d %s %s: another process is on it", task, seed, setting, variant)
+                    continue
+                if _is_done(row, _read_rows(results_path, ov)):  # done meanwhile by another process
+                    claim.unlink(missing_ok=True)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    run = {"pooled": run_pooled, "alone": run_alone, "federated": run_fed_variant}[setting]
+                    row["result"] = run(cfg, run_dir)
+                except Exception as exc:  # recorded (and retried by the next invocation), not fatal
+                    if type(exc).__name__ == "_Interrupted":
+                        claim.unlink(missing_ok=True)
+                        raise
+                    log.exception("%s seed %d %s %s failed", task, seed, setting, variant)
+                    row["error"] = f"{type(exc).__name__}: {exc}"
+                row["seconds"] = time.perf_counter() - t0
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row, default=_json_default) + "\n")
+                claim.unlink(missing_ok=True)
+                log.info("%-4s seed %d %-9s %-14s %5.0f s  %s", task, seed, setting, variant, row["seconds"],
+                         row.get("error") or _fed_short(row["result"], setting))
+                if not a.keep_runs and "error" not in row:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    rows = _read_rows(results_path, ov)
+    rows = [next(r for r in reversed(rows) if _is_done(want, [r])) for want in planned if _is_done(want, rows)]
+    md = report_fed_variants(a, argv, rows, genomic, histo, time.perf_counter() - t_start)
+    if not a.report_only:
+        (out / "results_fed_variants.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _fed_short(res: dict, setting: str) -> str:
+    if setting == "federated":
+        p = res["personal"]["sites"]
+        return (f"global memory pooled {res['global']['pooled']['memory']:.3f} (round {res['best_round']}), "
+                f"personal classifier site mean {np.nanmean([v['classifier'] for v in p.values()]):.3f}")
+    return f"pooled {_short(res.get('pooled', {}))}"
+
+
+def _heads(r: dict, task_sites: list[str]) -> dict[str, float]:
+    """The product-head figures of one results row: site means over ``task_sites`` and the pooled AUC."""
+    res = r["result"]
+    if r["setting"] == "federated":
+        mem = res["global"]
+        pers = {s: {"classifier": v["classifier"]} for s, v in res["personal"]["sites"].items()}
+        return {"memory_sites": _site_mean(mem, "memory", task_sites), "memory_pooled": mem["pooled"]["memory"],
+                "classifier_sites": _site_mean({"sites": pers}, "classifier", task_sites),
+                "classifier_pooled": math.nan}
+    return {"memory_sites": _site_mean(res, "memory", task_sites) if r["setting"] == "pooled" else math.nan,
+            "memory_pooled": res["pooled"].get("memory", math.nan) if r["setting"] == "pooled" else math.nan,
+            "classifier_sites": _site_mean(res, "classifier", task_sites),
+            "classifier_pooled": res["pooled"].get("classifier", math.nan) if r["setting"] == "pooled" else math.nan}
+
+
+def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, list[str]],
+                       variants: list[str]) -> str:
+    """Markdown: per task, the product heads of every variant and of centralised MoMKD (mean ± std over seeds),
+    the per-seed differences to centralised, and a per-seed table."""
+    lines: list[str] = []
+    for task in [t for t in TASKS if any(r["task"] == t for r in rows)]:
+        allsites = genomic[task] + histo[task]
+        by = {}
+        for r in rows:
+            if r["task"] == task:
+                by.setdefault(r["variant"], {})[r["seed"]] = r
+        cen = by.get("centralised", {})
+        alone = by.get("alone", {})
+
+        def fig(r, which, sites):
+            return _heads(r, sites)[which]
+
+        lines += [f"#### {task.upper()} (test AUC, mean±std over seeds; genomic sites: {', '.join(genomic[task])}; "
+                  f"histology-only: {', '.join(histo[task])})", "",
+                  "Global model's memory head (federated: `best_model.pt`) vs the centralised model's memory head; "
+                  "the sites' personal classifiers (federated, each at the round its own validation split picks) "
+                  "vs the centralised model's classifier. \"Δ vs centralised\": per-seed difference (same seed and "
+                  "splits), mean±std; \"gain\": histology-only sites' personal classifier minus MoMKD trained there "
+                  "alone.", "",
+                  "| variant | head | site mean, all | genomic sites | histology-only sites | all test slides pooled "
+                  "| Δ vs centralised (site mean) | Δ vs centralised (pooled) | histology-only gain | rounds | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name in ["centralised"] + variants:
+            runs = by.get(name, {})
+            if not runs:
+                continue
+            seeds = sorted(runs)
+            for head in ("memory", "classifier"):
+                vals = {w: [fig(runs[s], f"{head}_sites", sites) for s in seeds]
+                        for w, sites in (("all", allsites), ("gen", genomic[task]), ("his", histo[task]))}
+                pooled = [fig(runs[s], f"{head}_pooled", allsites) for s in seeds]
+                d_sites = [fig(runs[s], f"{head}_sites", allsites) - fig(cen[s], f"{head}_sites", allsites)
+                           for s in seeds if s in cen] if name != "centralised" else []
+                d_pooled = [fig(runs[s], f"{head}_pooled", allsites) - fig(cen[s], f"{head}_pooled", allsites)
+                            for s in seeds if s in cen] if name != "centralised" else []
+                gain = [fig(runs[s], "classifier_sites", histo[task]) - fig(alone[s], "classifier_sites", histo[task])
+                        for s in seeds if s in alone] if head == "classifier" and name != "centralised" else []
+                label = {"memory": "global memory head" if name != "centralised" else "memory head",
+                         "classifier": "personal classifiers" if name != "centralised" else "classifier"}[head]
+                rounds = ""
+                if name != "centralised":
+                    rounds = _rounds([runs[s]["result"]["best_round"] for s in seeds], "") if head == "memory" else \
+                        "own val"
+                else:
+                    rounds = "epochs " + _rounds([runs[s]["result"].get("best_epoch") for s in seeds], "")
+                lines.append(f"| {name} | {label} | {_fmt(vals['all'])} | {_fmt(vals['gen'])} | {_fmt(vals['his'])} "
+                             f"| {_fmt(pooled)} | {_fmt_d(d_sites)} | {_fmt_d(d_pooled)} | {_fmt_d(gain)} | {rounds} "
+                             f"| {len(seeds)} |")
+        if alone:
+            seeds = sorted(alone)
+            lines.append(f"| alone (histology-only sites) | classifier | | | "
+                         f"{_fmt([fig(alone[s], 'classifier_sites', histo[task]) for s in seeds])} | | | | | | "
+                         f"{len(seeds)} |")
+        lines += ["", f"Per seed ({task.upper()}; memory head: all test slides pooled / site mean; classifier: "
+                      "site mean, all sites / histology-only sites):", "",
+                  "| variant | seed | memory head | classifier | best round |", "|---|---|---|---|---|"]
+        for name in ["centralised"] + variants:
+            for s in sorted(by.get(name, {})):
+                r = by[name][s]
+                h_all, h_his = _heads(r, allsites), _heads(r, histo[task])
+                br = r["result"].get("best_round") if name != "centralised" else \
+                    f"epoch {r['result'].get('best_epoch')}"
+                lines.append(f"| {name} | {s} | {h_all['memory_pooled']:.3f} / {h_all['memory_sites']:.3f} | "
+                             f"{h_all['classifier_sites']:.3f} / {h_his['classifier_sites']:.3f} | {br} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt_d(vals: list[float]) -> str:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return ""
+    return f"{np.mean(v):+.3f}" + (f"±{np.std(v, ddof=1):.3f}" if len(v) > 1 else "")
+
+
+def report_fed_variants(a, argv, rows, genomic, histo, seconds) -> str:
+    cmd = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
+    defs = {n: a.variants[n] for n in a.fed_variants}
+    head = [f"Run {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs visible, torch "
+            f"{torch.__version__}; {len(rows)} trainings, {run_minutes:.1f} min of run time in all (this invocation: "
+            f"{seconds / 60:.1f} min wall).", "", f"Command: `{cmd}`", "",
+            "Variants (config overrides on the defaults): `" + json.dumps(defs) + "`", "",
+            "Config overrides of every run: `" + json.dumps(model_overrides(a)) + "`", ""]
+    return "\n".join(head) + "\n" + fed_variant_tables(rows, genomic, histo, a.fed_variants)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # tables
 
 
@@ -408,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     torch.set_num_threads(a.threads)
+    if a.fed_variants is not None:
+        return main_fed_variants(a, argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -39,6 +39,7 @@ from momkd_fed.data.bag import Bag
 from momkd_fed.engine import evaluate, make_optimizer, train_epoch
 from momkd_fed.federation import contract
 from momkd_fed.federation.memory_merge import SlotUsage
+from momkd_fed.federation.proximal import ProximalTerm
 from momkd_fed.federation.selection import BestRound
 from momkd_fed.federation.sharing import histology_only_part, overlay_state, partition_state
 from momkd_fed.heads import TRAINED, global_model_heads, model_heads, primary_head
@@ -98,8 +99,14 @@ def _stats(rt: SiteRuntime, g: GlobalModel) -> tuple[np.ndarray | None, np.ndarr
 def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, local_epochs: int,
                 clock: PhaseClock | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
-    """Train locally for ``local_epochs``, save the new private state, build the reply (privacy applied).
-    ``clock``: notes ``model``, ``first_step``, ``trained`` and ``validated`` (:mod:`client.timings`).
+    """Train locally for ``local_epochs`` (at most ``federation.local_steps`` slides when that is set), save the
+    new private state, build the reply (privacy applied). ``clock``: notes ``model``, ``first_step``, ``trained``
+    and ``validated`` (:mod:`client.timings`).
+
+    The round's optimisation (``federation``): the site's AdamW state carries over from its last round unless
+    ``reset_optimizer``; with ``prox_mu > 0`` every step adds FedProx's proximal gradient toward the received
+    shared weights (``federation.proximal``). The reply's ``num-examples`` (the averaging weight) is the slides
+    stepped on, or with a step budget the site's training slides.
 
     Returns
     -------
@@ -118,7 +125,8 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     saved = load_site_state(state_dir, g.round)
     model = _assemble(rt, g, saved.private if saved else None)
     optimizer = make_optimizer(model, cfg.train)
-    if saved is not None and saved.optimizer:
+    fed = cfg.federation
+    if saved is not None and saved.optimizer and not fed.reset_optimizer:
         optimizer.load_state_dict(saved.optimizer)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -137,16 +145,28 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     acc = None
     if has_memory and memory_dp(cfg):
         acc = SlotAccumulator(model.memory.num_slots, int(model.memory.slots.shape[-1]), cfg.privacy.clip_norm)
+    prox = ProximalTerm(model, g.shared, fed.prox_mu) if fed.prox_mu > 0.0 else None
     sums: dict[str, float] = {}
     slides = 0
     on_step = _slot_recorder(model, acc) if acc is not None else None
     if clock is not None:
         on_step = _with_clock(on_step, clock)
-    for _ in range(max(1, local_epochs)):
-        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device, on_step=on_step)
-        slides += int(out.pop("num_slides"))
+    epochs = max(1, local_epochs)
+    budget = fed.local_steps if fed.local_steps > 0 else None  # steps left this round (None: whole epochs)
+    for _ in range(epochs):
+        out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device, on_step=on_step,
+                          after_backward=prox.add_grad if prox is not None else None, max_steps=budget)
+        steps = int(out.pop("num_slides"))
+        slides += steps
         for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + v / max(1, local_epochs)
+            sums[k] = sums.get(k, 0.0) + (v / epochs if budget is None else v * steps)
+        if budget is not None:
+            budget -= steps
+            if budget <= 0:
+                break
+    if fed.local_steps > 0:  # mean over the steps taken; the averaging weight is the site's training slides
+        sums = {k: v / max(1, slides) for k, v in sums.items()}
+        slides = len(train_bags)
     losses = {t: float(sums.get(t, 0.0)) for t in contract.LOSS_TERMS}  # absent terms (omics at a
     # histology-only site) are 0.0, so every site sends the same keys
     if clock is not None:

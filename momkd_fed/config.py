@@ -126,11 +126,21 @@ class FederationConfig:
 
     rounds: int = 10  # federated rounds
     local_epochs: int = 1  # local epochs per round
+    local_steps: int = 0  # cap on a site's optimiser steps per round (slides; 0 = local_epochs whole epochs)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # local lr across rounds: train.lr, or cosine decay
+    lr_final_factor: float = 0.1  # cosine: the last round's lr is train.lr times this
+    prox_mu: float = 0.0  # FedProx: (mu/2)*||w - w_global||^2 on the shared weights in every local step (0 = off)
+    reset_optimizer: bool = False  # a site starts every round with a fresh AdamW (False: its state persists)
     fraction_train: float = 1.0  # fraction of sites sampled per round
     min_sites: int = 2  # minimum sites per round
-    server_lr: float = 1.0  # FedAvgM server learning rate
+    server_optimizer: Literal["fedavgm", "fedadam", "fedyogi"] = "fedavgm"  # server step on the averaged weights
+    server_lr: float = 1.0  # server learning rate (FedAvgM: 1 = the average itself; FedAdam/FedYogi: eta)
     server_momentum: float = 0.0  # FedAvgM server momentum (0 = FedAvg; 0.9 at server_lr 1 overshoots, see benchmarks)
-    memory_momentum: float = 0.5  # mu_s: C <- normalise(mu_s*C + (1-mu_s)*merged)
+    server_beta1: float = 0.9  # FedAdam/FedYogi first-moment decay (Flower's default)
+    server_beta2: float = 0.99  # FedAdam/FedYogi second-moment decay (Flower's default)
+    server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity (Flower's default)
+    memory_momentum: float = 0.5  # ema mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged assigned means)
+    slot_momentum: float = 0.5  # gradient mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged trained slots)
     shared: list[str] = field(  # state-dict key prefixes that leave a site (averaged)
         default_factory=lambda: ["histology_encoder.", "patch_proj.", "slide_proj.", "omics_encoder.", "omics_proj."]
     )
@@ -302,8 +312,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"memory.kmeans_rounds: must be >= 0, got {cfg.memory.kmeans_rounds}")
     if not 0.0 <= cfg.memory.momentum < 1.0:
         raise ConfigError(f"memory.momentum: must be in [0, 1), got {cfg.memory.momentum}")
-    if not 0.0 <= cfg.federation.memory_momentum < 1.0:
-        raise ConfigError(f"federation.memory_momentum: must be in [0, 1), got {cfg.federation.memory_momentum}")
+    for key in ("memory_momentum", "slot_momentum"):
+        if not 0.0 <= getattr(cfg.federation, key) < 1.0:
+            raise ConfigError(f"federation.{key}: must be in [0, 1), got {getattr(cfg.federation, key)}")
+    fed = cfg.federation
+    if fed.local_steps < 0:
+        raise ConfigError(f"federation.local_steps: must be >= 0 (0 = whole local epochs), got {fed.local_steps}")
+    if not 0.0 < fed.lr_final_factor <= 1.0:
+        raise ConfigError(f"federation.lr_final_factor: must be in (0, 1], got {fed.lr_final_factor}")
+    if fed.prox_mu < 0.0:
+        raise ConfigError(f"federation.prox_mu: must be >= 0 (0 = no proximal term), got {fed.prox_mu}")
+    if not (0.0 <= fed.server_beta1 < 1.0 and 0.0 <= fed.server_beta2 < 1.0 and fed.server_tau > 0.0):
+        raise ConfigError("federation.server_beta1, server_beta2: must be in [0, 1) and federation.server_tau > 0, "
+                          f"got {fed.server_beta1}, {fed.server_beta2}, {fed.server_tau}")
     if not 0.0 < cfg.split.val_fraction + cfg.split.test_fraction < 1.0:
         raise ConfigError("split.val_fraction + split.test_fraction: must be in (0, 1)")
     if cfg.calibration.bins < 2:

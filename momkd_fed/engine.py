@@ -104,6 +104,8 @@ def train_epoch(
     device: torch.device,
     progress: Callable[[int], None] | None = None,
     on_step: Callable[[Bag, ModelOutput], None] | None = None,
+    after_backward: Callable[[], None] | None = None,
+    max_steps: int | None = None,
 ) -> dict[str, float]:
     """Train one epoch, one slide per optimiser step.
 
@@ -120,6 +122,12 @@ def train_epoch(
         Called as ``on_step(bag, out)`` after each ``optimizer.step()`` and *before* ``model.after_step`` (so an
         ``ema`` memory has not yet moved: ``out`` is the step's ``ModelOutput`` and the memory is the one the
         step's embeddings were scored against). Absent: behaviour unchanged.
+    after_backward : callable, optional
+        Called with no argument after each backward pass, before gradient clipping (e.g. FedProx's
+        ``ProximalTerm.add_grad`` adds its gradient there). Absent: behaviour unchanged.
+    max_steps : int, optional
+        Stop after this many slides (the first ones of the epoch's sampled order; a federated round's step
+        budget). None: the whole epoch.
 
     Returns
     -------
@@ -132,6 +140,8 @@ def train_epoch(
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     order = sample_order(bags, cfg.train.balanced_sampling, generator)
+    if max_steps is not None:
+        order = order[:max(0, max_steps)]
     for idx in order:
         bag = bags[idx]
         feats, nbrs = subsample_patches(bag, cfg.data.max_patches, cfg.data.knn_k, generator)
@@ -143,6 +153,8 @@ def train_epoch(
             losses = model.loss(out, bag.label, omics)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
+        if after_backward is not None:
+            after_backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()

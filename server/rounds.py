@@ -24,7 +24,6 @@ from flwr.serverapp import Grid
 from momkd_fed.calibration import calibrate_pooled
 from momkd_fed.config import Config, dump_yaml
 from momkd_fed.federation import contract
-from momkd_fed.federation.aggregate import FedAvgMState
 from momkd_fed.federation.selection import monitor_key, pooled_validation
 from momkd_fed.federation.sharing import partition_state, validate_sharing
 from momkd_fed.heads import TRAINED, global_model_heads, model_label, primary_head
@@ -36,6 +35,7 @@ from client import records as R
 from client.run_config import RunOptions
 from client.site_runtime import build_initial_model
 from . import run_outputs, setup_rounds
+from .server_opt import server_optimizer
 from .strategy import MomkdFedAvgM, RoundInfo, privacy_report
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _fresh_state(grid: Grid, nodes: list[int], cfg: Config, roster: setup_rounds
                                             cfg.federation.round_timeout)
     return run_outputs.ServerState(
         round=0, shared={k: v.clone() for k, v in part.shared.items()}, slots=slots,
-        momentum=FedAvgMState(cfg.federation.server_lr, cfg.federation.server_momentum), n_genes=roster.n_genes,
+        momentum=server_optimizer(cfg), n_genes=roster.n_genes,
         omics_mean=roster.omics_mean, omics_std=roster.omics_std, run_key=run_key, sites=roster.sites,
         accountant=run_outputs.new_accountant(cfg))
 

@@ -37,6 +37,7 @@ from momkd_fed.privacy import PrivacyAccountant, update_dp
 from momkd_fed.run_log import BEST_MODEL_FILE, CHECKPOINT_DIR, GLOBAL_MODEL_FILE
 
 from client.site_runtime import build_initial_model
+from .server_opt import FlowerServerOpt, server_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class ServerState:
         Global shared weights.
     slots : Tensor or None
         (2, K, S) global memory (None for a model without memory).
-    momentum : FedAvgMState
-        Server optimiser state.
+    momentum : FedAvgMState or FlowerServerOpt
+        Server optimiser state (``server_opt.server_optimizer``).
     n_genes : int
         Genes of the federation's genomic branch (0 = none).
     omics_mean, omics_std : ndarray or None
@@ -80,7 +81,7 @@ class ServerState:
     round: int
     shared: dict[str, torch.Tensor]
     slots: torch.Tensor | None
-    momentum: FedAvgMState
+    momentum: FedAvgMState | FlowerServerOpt
     n_genes: int
     omics_mean: np.ndarray | None
     omics_std: np.ndarray | None
@@ -203,8 +204,7 @@ def load_latest(run_dir: str | Path, cfg: Config) -> ServerState | None:
         accountant.delta = cfg.privacy.delta
     return ServerState(
         round=int(ckpt["round"]), shared=dict(part.shared), slots=sd.get(SLOTS_KEY),
-        momentum=FedAvgMState.from_state_dict(mom) if mom else FedAvgMState(cfg.federation.server_lr,
-                                                                             cfg.federation.server_momentum),
+        momentum=server_optimizer(cfg, mom or None),
         n_genes=int(ckpt["n_genes"]),
         omics_mean=None if norm is None else norm["mean"].numpy(),
         omics_std=None if norm is None else norm["std"].numpy(),

@@ -14,7 +14,9 @@ what Flower's built-in cannot do:
   (``InconsistentMessageReplies``): it is taken out and merged with ``momkd_fed.federation.memory_merge``;
 - shared weights are averaged by ``momkd_fed.federation.aggregate`` (the genomic encoder over paired sites only;
   a histology-only site does not send it) and stepped with the same FedAvgM momentum rule as Flower's
-  (``FedAvgMState``, checkpointed with the model);
+  (``FedAvgMState``) or with Flower's FedAdam / FedYogi (``server_opt``, ``federation.server_optimizer``),
+  checkpointed with the model;
+- the local learning rate of each round follows ``federation.lr_schedule`` (``federation.schedule.round_lr``);
 - sites are sampled deterministically per round (seeded by ``train.seed`` and the round, over site names), so a
   resumed run samples exactly what the uninterrupted one would have;
 - replies are sorted by site name before averaging, so float sums do not depend on arrival order;
@@ -47,8 +49,10 @@ from flwr.serverapp.strategy import FedAvgM
 from momkd_fed.config import Config
 from momkd_fed.federation import contract
 from momkd_fed.federation.aggregate import SharedUpdate
-from momkd_fed.federation.memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
+from momkd_fed.federation.memory_merge import (MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots,
+                                               server_memory_momentum)
 from momkd_fed.federation.replies import SiteReply
+from momkd_fed.federation.schedule import round_lr
 from momkd_fed.federation.sharing import histology_only_part, paired_only_keys
 from momkd_fed.heads import TRAINED, global_model_heads
 from momkd_fed.privacy import dp_covers, make_aggregator, memory_dp, update_dp, validate_replies
@@ -150,7 +154,7 @@ class MomkdFedAvgM(FedAvgM):
         return sorted(rng.sample(nodes, size), key=lambda n: (self.node_sites.get(n, "~"), n))
 
     def _config(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord({contract.CFG_ROUND: server_round, contract.CFG_LR: float(self.cfg.train.lr),
+        return ConfigRecord({contract.CFG_ROUND: server_round, contract.CFG_LR: round_lr(self.cfg, server_round),
                              contract.CFG_LOCAL_EPOCHS: int(self.cfg.federation.local_epochs),
                              contract.CFG_MEMORY_UPDATE: self.memory_mode, R.CFG_N_GENES: int(self.state.n_genes),
                              R.CFG_RUN_KEY: self.state.run_key})
@@ -306,10 +310,11 @@ class MomkdFedAvgM(FedAvgM):
         if st.accountant is not None:
             st.accountant.step(1, self.cfg.privacy.update_noise_multiplier)
             self.info.privacy = privacy_report(self.cfg, st)
-        st.shared = st.momentum.step(st.shared, avg.weights, avg.frozen)
+        st.shared = st.momentum.step(st.shared, avg.weights, avg.frozen, server_round=server_round)
         self.info.frozen_keys = len(avg.frozen)
         if st.slots is not None and self.memory_mode != "frozen":
-            mu, floor = self.cfg.federation.memory_momentum, self.cfg.federation.min_slot_count
+            mu = server_memory_momentum(self.cfg.federation, self.memory_mode)
+            floor = self.cfg.federation.min_slot_count
             if self.memory_mode == "ema":
                 st.slots, merge = merge_memory(st.slots, [MemoryAggregate.from_arrays(_np(r.memory)) for r in kept], mu,
                                                floor)

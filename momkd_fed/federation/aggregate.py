@@ -192,15 +192,16 @@ class FedAvgMState:
     momentum: dict[str, torch.Tensor] | None = None
 
     def step(self, global_weights: Mapping[str, torch.Tensor], averaged: Mapping[str, torch.Tensor],
-             frozen: Collection[str] = ()) -> dict[str, torch.Tensor]:
-        """Apply :func:`fedavgm_step`, keep the new momentum, return the new global weights."""
+             frozen: Collection[str] = (), server_round: int = 1) -> dict[str, torch.Tensor]:
+        """Apply :func:`fedavgm_step`, keep the new momentum, return the new global weights (``server_round``:
+        unused, FedAvgM's rule does not depend on it; the adaptive server optimisers' step does)."""
         new, self.momentum = fedavgm_step(global_weights, averaged, self.momentum, self.server_lr,
                                           self.server_momentum, frozen)
         return new
 
     def state_dict(self) -> dict:
         """Plain data for a checkpoint."""
-        return {"server_lr": self.server_lr, "server_momentum": self.server_momentum,
+        return {"kind": "fedavgm", "server_lr": self.server_lr, "server_momentum": self.server_momentum,
                 "momentum": None if self.momentum is None else {k: v.clone() for k, v in self.momentum.items()}}
 
     @classmethod

@@ -193,6 +193,12 @@ def merge_memory(
     return _mix(global_slots, merged, used, mu_s, counts, slides, withheld, len(replies))
 
 
+def server_memory_momentum(fed, mode: str) -> float:
+    """mu_s of the server's memory rule for ``mode``: ``federation.slot_momentum`` for the trained slots of
+    ``gradient`` mode, ``federation.memory_momentum`` for the assigned-embedding means of ``ema`` mode."""
+    return float(fed.slot_momentum if mode == "gradient" else fed.memory_momentum)
+
+
 def merge_memory_slots(
     global_slots: torch.Tensor, replies: Sequence[SlotUsage], mu_s: float, min_slot_count: int = 1
 ) -> tuple[torch.Tensor, MergeInfo]:
@@ -208,7 +214,8 @@ def merge_memory_slots(
     replies : sequence of SlotUsage
         Good replies only.
     mu_s : float
-        Server memory momentum in [0, 1).
+        Server memory momentum in [0, 1) (``federation.slot_momentum``; 0 = the usage-weighted average itself,
+        as FedAvg takes the average of the encoders that were trained together with these slots).
     min_slot_count : int
         A site's slot with fewer slides than this is ignored.
 

@@ -15,7 +15,7 @@ import torch
 from ..config import FederationConfig
 from . import contract
 from .aggregate import FedAvgMState, SharedUpdate, aggregate_shared
-from .memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots
+from .memory_merge import MemoryAggregate, SlotUsage, merge_memory, merge_memory_slots, server_memory_momentum
 from .replies import SiteReply, usable_replies
 from .sharing import paired_only_keys
 
@@ -81,7 +81,7 @@ def merge_round(
     replies : sequence of SiteReply
         Every reply, error replies included (they are filtered here).
     fed : FederationConfig
-        ``paired_only``, ``memory_momentum``, ``min_slot_count``.
+        ``paired_only``, ``memory_momentum`` / ``slot_momentum``, ``min_slot_count``.
     memory_mode : str
         ``memory.update``: "gradient", "ema" or "frozen".
     opt : FedAvgMState
@@ -105,11 +105,11 @@ def merge_round(
     if memory_mode == "ema":
         aggs = [MemoryAggregate(r.memory[contract.SUMS], r.memory[contract.COUNTS], r.memory[contract.SLIDES])
                 for r in kept]
-        slots, minfo = merge_memory(global_slots, aggs, fed.memory_momentum, fed.min_slot_count)
+        slots, minfo = merge_memory(global_slots, aggs, server_memory_momentum(fed, memory_mode), fed.min_slot_count)
         info.update(minfo.as_metrics())
     elif memory_mode == "gradient":
         sus = [SlotUsage(r.memory[contract.SLOTS], r.memory[contract.USAGE], r.memory[contract.SLIDES]) for r in kept]
-        slots, minfo = merge_memory_slots(global_slots, sus, fed.memory_momentum, fed.min_slot_count)
+        slots, minfo = merge_memory_slots(global_slots, sus, server_memory_momentum(fed, memory_mode), fed.min_slot_count)
         info.update(minfo.as_metrics())
     metrics = weighted_metrics([r.metrics for r in kept], [r.num_examples for r in kept])
     metrics.update(info)
