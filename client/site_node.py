@@ -320,6 +320,9 @@ def _watch(node: FlowerProcess, site: str, opts: ClientOptions, say, *, echo: bo
             if not connected and refusal(text) == "key":
                 return None, text
             why = diagnose(text, site, address) or f"the SuperNode exited with status {code}"
+            if known is not None and refusal(text) == "unreachable":  # refused for its key before, then the
+                # coordinator went away (it finished or stopped): the key is what this site must fix
+                why = f"{known}; then the coordinator stopped answering ({why})"
             say(f"site {site}: {why} (log: {node.log_path})")
             return EXIT_FAILED, text
         if (not connected and opts.max_wait_time is not None

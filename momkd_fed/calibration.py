@@ -92,6 +92,7 @@ def platt_feature(head: str, raw) -> np.ndarray:
     r = np.asarray(raw, dtype=np.float64).reshape(-1)
     if head == "memory":
         return r
+    r = np.clip(r, 0.0, 1.0)  # a float32 softmax can round a hair past 1
     with np.errstate(divide="ignore"):
         return np.log(r) - np.log1p(-r)  # (N,) strictly increasing in P
 

@@ -159,7 +159,7 @@ def test_minimum_counts_apply_without_dp(tiny, tmp_path):
     grid = RecordingGrid(rc, 3)
     cfg, opts = split_run_config(rc)
     result = run_federation(grid, cfg, opts)
-    withheld_any = False
+    unsent = {}
     for _, rep in grid.train_replies():
         mem = R.from_record(rep.content.array_records[contract.MEMORY_RECORD])
         counts, slides = mem[contract.COUNTS], mem[contract.SLIDES]
@@ -167,12 +167,17 @@ def test_minimum_counts_apply_without_dp(tiny, tmp_path):
         assert bool((counts[sent] >= 500).all()) and bool((slides[sent] >= 3).all())
         assert bool((counts == counts.round()).all())  # exact
         assert math.isnan(rep.content.metric_records[contract.METRICS_RECORD][contract.PRIVACY_EPSILON])
-        withheld_any |= bool((~sent).any())
-    assert withheld_any
-    d = _state_dir(tmp_path, "hospital_b")
-    line = next(x for x in AuditLog.in_folder(d).read() if x["kind"] == "train")
-    assert line["dp_covers"] == [] and line["privacy"] == {} and line["withheld"]["withheld"] > 0
-    assert not (d / ACCOUNTANT_FILE).exists()
+        unsent[R.reply_site(rep)] = int((~sent).sum())
+    assert sorted(unsent) == ["hospital_a", "hospital_b", "hospital_c"]
+    withheld = {}
+    for site in unsent:  # each site's audit log says which used slots it withheld (unused ones are zeros too)
+        d = _state_dir(tmp_path, site)
+        line = next(x for x in AuditLog.in_folder(d).read() if x["kind"] == "train")
+        assert line["dp_covers"] == [] and line["privacy"] == {}
+        withheld[site] = line["withheld"]["withheld"]
+        assert 0 <= withheld[site] <= unsent[site], (site, withheld, unsent)
+        assert not (d / ACCOUNTANT_FILE).exists()
+    assert sum(withheld.values()) > 0, withheld  # 500 embeddings per slot: some used slot is held back
     row = _rows(tmp_path)[0]
     assert row["privacy"]["epsilon"] is None and row["privacy"]["epsilon_by_site"] == {}
     assert result["privacy"]["enabled"] is False and math.isnan(result["privacy"]["epsilon"])

@@ -147,13 +147,17 @@ def models(seed: int, init: str) -> tuple[MoMKD, torch.nn.Module]:
     return ours.train(), ref.train()
 
 
-def record_grads(opt: torch.optim.Optimizer, into: dict) -> None:
-    """Keep each parameter's gradient as the optimiser's step sees it (after clipping)."""
-    def hook(optimizer, args, kwargs):
-        for group in optimizer.param_groups:
+def record_grads(opt, into: dict) -> None:
+    """Keep each parameter's gradient as the optimiser's step sees it (after clipping). Wraps ``step`` (our
+    engine's optimiser is not a ``torch.optim.Optimizer``: momkd_fed.optim, no step hooks)."""
+    step = opt.step
+
+    def recording_step(*args, **kwargs):
+        for group in opt.param_groups:
             for p in group["params"]:
                 into[id(p)] = None if p.grad is None else p.grad.detach().clone()
-    opt.register_step_pre_hook(hook)
+        return step(*args, **kwargs)
+    opt.step = recording_step
 
 
 BAGS = [(1, 1), (3, 0), (9, 1), (40, 0), (57, 1)]  # (P, label): P = 1 and 3 have k_eff = P - 1 < k = 8
