@@ -238,6 +238,15 @@ def _candidates(s: np.ndarray, default: float) -> np.ndarray:
     return np.r_[default, u[0] - 1.0, (u[1:] + u[:-1]) / 2.0, u[-1] + 1.0]  # (R + 2,)
 
 
+def _weighted_points(values, w_pos, w_neg) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """(M,) values and class weights as float64, the points without weight dropped; and the two class totals."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    wp = np.asarray(w_pos, dtype=np.float64).reshape(-1)
+    wn = np.asarray(w_neg, dtype=np.float64).reshape(-1)
+    keep = (wp + wn) > 0
+    v, wp, wn = v[keep], wp[keep], wn[keep]
+    return v, wp, wn, float(wp.sum()), float(wn.sum())
+
 def choose_threshold_weighted(scores, w_pos, w_neg, rule: str = "youden", target_sensitivity: float = 0.9,
                               default: float = 0.5) -> float:
     """Decision threshold (``score >= t`` -> class 1) on weighted points.
@@ -254,12 +263,7 @@ def choose_threshold_weighted(scores, w_pos, w_neg, rule: str = "youden", target
         sensitivity is at least ``target_sensitivity``).
     default : float, returned when either class has no weight.
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    wp = np.asarray(w_pos, dtype=np.float64).reshape(-1)
-    wn = np.asarray(w_neg, dtype=np.float64).reshape(-1)
-    keep = (wp + wn) > 0
-    s, wp, wn = s[keep], wp[keep], wn[keep]
-    n_pos, n_neg = float(wp.sum()), float(wn.sum())
+    s, wp, wn, n_pos, n_neg = _weighted_points(scores, w_pos, w_neg)
     if n_pos <= 0 or n_neg <= 0:
         return float(default)
     cands = _candidates(s, default)  # (R + 2,)
@@ -296,12 +300,7 @@ def fit_platt(x, w_pos, w_neg, min_slope: float = MIN_SLOPE) -> tuple[float, flo
     at_floor : bool, True when the unconstrained slope was below ``min_slope`` (validation does not show higher
         scores for positives); ``a`` is then ``min_slope`` and ``b`` refitted.
     """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    wp = np.asarray(w_pos, dtype=np.float64).reshape(-1)
-    wn = np.asarray(w_neg, dtype=np.float64).reshape(-1)
-    keep = (wp + wn) > 0
-    x, wp, wn = x[keep], wp[keep], wn[keep]
-    n_pos, n_neg = float(wp.sum()), float(wn.sum())
+    x, wp, wn, n_pos, n_neg = _weighted_points(x, w_pos, w_neg)
     if n_pos <= 0 or n_neg <= 0:
         raise ValueError(f"Platt fit needs both classes (weights: {n_pos:g} positive, {n_neg:g} negative)")
     finite = x[np.isfinite(x)]

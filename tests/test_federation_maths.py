@@ -123,10 +123,25 @@ def test_fedavgm_plain_fedavg_and_frozen_keys():
         fedavgm_step(w0, avg, {"zzz": torch.ones(3)}, 1.0, 0.9)
 
 
+def flower_train_replies(sites: list[tuple[dict[str, np.ndarray], int]], rnd: int) -> list:
+    """Hand-built Flower train replies, one per (arrays, num-examples) site, for a strategy's aggregate_train."""
+    from flwr import app as flwr_app
+    from flwr.common import Metadata
+
+    msgs = []
+    for arrs, n in sites:
+        content = flwr_app.RecordDict({
+            "arrays": flwr_app.ArrayRecord({k: flwr_app.Array(v) for k, v in arrs.items()}),
+            "metrics": flwr_app.MetricRecord({"num-examples": n})})
+        meta = Metadata(run_id=1, message_id="", src_node_id=2, dst_node_id=1, reply_to_message_id="m",
+                        group_id=str(rnd), created_at=0.0, ttl=60.0, message_type="train")
+        msgs.append(flwr_app.Message(content=content, metadata=meta))
+    return msgs
+
+
 def test_fedavgm_matches_flower_strategy():
     """Two rounds through flwr's own FedAvgM.aggregate_train on hand-built replies (flwr used in tests only)."""
     flwr_app = pytest.importorskip("flwr.app")
-    from flwr.common import Metadata
     from flwr.serverapp.strategy import FedAvgM
 
     rng = np.random.default_rng(1)
@@ -138,14 +153,7 @@ def test_fedavgm_matches_flower_strategy():
     for rnd in (1, 2):
         sites = [({k: (v + rng.normal(size=v.shape, scale=0.2)).astype(np.float32) for k, v in glob.items()}, n)
                  for n in (3, 9, 5)]
-        msgs = []
-        for arrs, n in sites:
-            content = flwr_app.RecordDict({
-                "arrays": flwr_app.ArrayRecord({k: flwr_app.Array(v) for k, v in arrs.items()}),
-                "metrics": flwr_app.MetricRecord({"num-examples": n})})
-            meta = Metadata(run_id=1, message_id="", src_node_id=2, dst_node_id=1, reply_to_message_id="m",
-                            group_id=str(rnd), created_at=0.0, ttl=60.0, message_type="train")
-            msgs.append(flwr_app.Message(content=content, metadata=meta))
+        msgs = flower_train_replies(sites, rnd)
         flwr_arrays, _ = strat.aggregate_train(rnd, msgs)
         avg = aggregate_shared(ours, [SharedUpdate(str(i), _t(a), n, False) for i, (a, n) in enumerate(sites)], [])
         ours = state.step(ours, avg.weights, avg.frozen)

@@ -17,6 +17,7 @@ from momkd_fed.federation.proximal import ProximalTerm
 from momkd_fed.federation.schedule import round_lr
 
 from tests.test_engine import fresh_model, make_bags, tiny_cfg
+from tests.test_federation_maths import flower_train_replies
 
 
 # ---- FedProx -------------------------------------------------------------------------------------------------------
@@ -149,8 +150,6 @@ def _t(d):
 def test_server_optimizer_matches_flower_strategy(kind):
     """Three rounds: our average + FlowerServerOpt == Flower's own FedAdam / FedYogi aggregate_train on the same
     replies; a checkpointed optimiser continues exactly (resume)."""
-    from flwr import app as flwr_app
-    from flwr.common import Metadata
     from flwr.serverapp.strategy import FedAdam, FedYogi
 
     from server.server_opt import FlowerServerOpt, server_optimizer
@@ -172,14 +171,7 @@ def test_server_optimizer_matches_flower_strategy(kind):
         flower.current_arrays = {k: v.copy() for k, v in w_flower.items()}
         sites = [({k: (v + rng.normal(size=v.shape, scale=0.2)).astype(np.float32) for k, v in w_flower.items()}, n)
                  for n in (3, 9, 5)]
-        msgs = []
-        for arrs, n in sites:
-            content = flwr_app.RecordDict({
-                "arrays": flwr_app.ArrayRecord({k: flwr_app.Array(v) for k, v in arrs.items()}),
-                "metrics": flwr_app.MetricRecord({"num-examples": n})})
-            meta = Metadata(run_id=1, message_id="", src_node_id=2, dst_node_id=1, reply_to_message_id="m",
-                            group_id=str(rnd), created_at=0.0, ttl=60.0, message_type="train")
-            msgs.append(flwr_app.Message(content=content, metadata=meta))
+        msgs = flower_train_replies(sites, rnd)
         rec, _ = flower.aggregate_train(rnd, msgs)
         w_flower = {k: rec[k].numpy() for k in glob}
         avg = aggregate_shared(w, [SharedUpdate(str(i), _t(a), n, False) for i, (a, n) in enumerate(sites)], [])
