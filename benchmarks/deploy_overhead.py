@@ -454,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "deploy_overhead")
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args(argv)
+    a.out = a.out.resolve()  # the flwr CLI runs in other folders
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     results = a.out / "results.jsonl"
     done = read_rows(results)
