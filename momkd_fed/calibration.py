@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .metrics import labels_and_scores
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -119,18 +121,6 @@ def _check_head(head: str) -> None:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
 
 
-def _labels_scores(labels, scores) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)  # (N,)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)  # (N,)
-    if y.shape != s.shape:
-        raise ValueError(f"labels and scores differ in length: {y.shape[0]} vs {s.shape[0]}")
-    if y.size and not np.isin(y, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1")
-    if np.isnan(s).any():
-        raise ValueError(f"scores must not be NaN; {int(np.isnan(s).sum())} are")
-    return y, s
-
-
 # --------------------------------------------------------------------------------------------------------------
 # histograms (what a site sends)
 
@@ -141,7 +131,7 @@ def class_histogram(labels, scores, edges: np.ndarray) -> np.ndarray:
     Bins are ``[e_i, e_{i+1})``, the last one closed; a score outside the range (it cannot be, see
     :func:`score_range`; rounding aside) is counted in the end bin.
     """
-    y, s = _labels_scores(labels, scores)
+    y, s = labels_and_scores(labels, scores)
     edges = np.asarray(edges, dtype=np.float64)
     b = edges.size - 1
     idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, b - 1)  # (N,)
@@ -441,7 +431,7 @@ def calibrate_points(head: str, labels, raw, rule: str = "youden", target_sensit
                      source: str = "validation split") -> Calibration | None:
     """Calibration from per-slide validation raw scores (local data); None when a class is missing (logged)."""
     _check_head(head)
-    y, s = _labels_scores(labels, raw)
+    y, s = labels_and_scores(labels, raw)
     return _fit(head, s, (y == 1).astype(np.float64), (y == 0).astype(np.float64), rule, target_sensitivity,
                 source)
 
@@ -517,7 +507,7 @@ def calibrate_pooled(cfg: "Config", site_counts: Mapping[str, Mapping[str, np.nd
 def expected_calibration_error(labels, probs, n_bins: int = ECE_BINS) -> float:
     """ECE with ``n_bins`` equal-width probability bins on [0, 1] (the last one closed):
     sum over bins of (slides in bin / N) * |fraction positive - mean probability|; NaN for an empty set."""
-    y, p = _labels_scores(labels, probs)
+    y, p = labels_and_scores(labels, probs)
     if y.size == 0:
         return math.nan
     idx = np.clip((p * n_bins).astype(np.int64), 0, n_bins - 1)  # (N,)

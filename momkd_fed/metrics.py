@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("auc", "auprc", "balanced_accuracy", "macro_f1", "sensitivity", "specificity")
 
 
-def _as_arrays(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_scores(labels, probs) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) int64 labels in {0, 1} and (N,) float64 finite scores, checked (ValueError naming the problem)."""
     y = np.asarray(labels, dtype=np.int64).reshape(-1)  # (N,)
     s = np.asarray(probs, dtype=np.float64).reshape(-1)  # (N,)
     if y.shape != s.shape:
@@ -46,7 +47,7 @@ def _average_ranks(s: np.ndarray) -> np.ndarray:
 
 def roc_auc(labels, probs) -> float:
     """Tie-aware ROC AUC (Mann-Whitney U from average ranks); NaN unless both classes are present."""
-    y, s = _as_arrays(labels, probs)
+    y, s = labels_and_scores(labels, probs)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
@@ -61,7 +62,7 @@ def average_precision(labels, probs) -> float:
 
     Equals ``sklearn.metrics.average_precision_score``; NaN when there is no positive.
     """
-    y, s = _as_arrays(labels, probs)
+    y, s = labels_and_scores(labels, probs)
     n_pos = int(y.sum())
     if n_pos == 0:
         return math.nan
@@ -94,7 +95,7 @@ def binary_metrics(labels, probs, threshold: float = 0.5) -> dict:
         where undefined), ``n``, ``n_pos`` (int), ``threshold`` (float) and ``reason`` (str, empty when every
         metric is defined; otherwise why some are NaN).
     """
-    y, s = _as_arrays(labels, probs)
+    y, s = labels_and_scores(labels, probs)
     n = int(y.size)
     n_pos = int(y.sum())
     n_neg = n - n_pos
@@ -142,7 +143,7 @@ def choose_threshold(labels, probs, default: float = 0.5) -> float:
     default : float
         Fallback threshold, and the tie-break target (0.5 for probabilities, 0.0 for memory scores).
     """
-    y, s = _as_arrays(labels, probs)
+    y, s = labels_and_scores(labels, probs)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
     if n_pos == 0 or n_neg == 0:
