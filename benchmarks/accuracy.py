@@ -786,14 +786,20 @@ def tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, lis
 # --------------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse_args(argv)
+def quiet_process(threads: int) -> None:
+    """A benchmark process: its own progress lines only (the project's loggers at WARNING), Flower's telemetry
+    and update check off, ``threads`` torch CPU threads."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("momkd_fed", "server", "client", "flwr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    torch.set_num_threads(a.threads)
+    torch.set_num_threads(threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    quiet_process(a.threads)
     if a.fed_variants is not None:
         return main_fed_variants(a, argv)
     out = Path(a.out).resolve()

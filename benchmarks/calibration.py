@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
 import time
@@ -190,12 +189,9 @@ def rows(results: dict, preset: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("momkd_fed", "server", "client", "flwr"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    torch.set_num_threads(1)
+    import accuracy  # benchmarks/ is on the path: this script's folder
+
+    accuracy.quiet_process(1)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(a, out)
