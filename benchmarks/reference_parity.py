@@ -28,6 +28,7 @@ kept apart by their overrides, and a rerun skips what ``<out>/results.jsonl`` al
 Usage::
 
     python benchmarks/reference_parity.py --task odx --seeds 1,2,3 --out runs/reference_parity
+    python benchmarks/reference_parity.py --models reference,ours_refinit --no-dropout --out runs/reference_parity
     python benchmarks/reference_parity.py --models ours --set loss.commit_slot=moving --out runs/reference_parity
 """
 
@@ -85,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-config", default=str(ROOT / "configs" / "cpu_small.yaml"))
+    p.add_argument("--no-dropout", action="store_true",
+                   help="dropout off in both models (ours: model.dropout/attn_dropout/omics_dropout = 0; the reference: "
+                        "every dropout p = 0): the training runs then differ by nothing random but the initialisation")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of our config")
     p.add_argument("--out", default="runs/reference_parity")
     a = p.parse_args(argv)
@@ -104,6 +108,8 @@ def overrides(a: argparse.Namespace) -> dict:
             ov[f"{section}.{k}"] = v
     ov.update({"model.omics_hidden": 512, "train.epochs": a.epochs, "train.patience": a.patience,
                "train.precision": "fp32", "train.threads": a.threads, "train.device": "cpu", "train.progress": False})
+    if a.no_dropout:  # in the reference's key too: both models run without dropout
+        ov.update({"model.dropout": 0.0, "model.attn_dropout": 0.0, "model.omics_dropout": 0.0})
     for item in a.set:
         key, _, value = item.partition("=")
         ov[key.strip()] = yaml.safe_load(value)
@@ -156,6 +162,8 @@ def train_reference(cfg: Config, split: dict, n_genes: int, seed: int) -> tuple[
     _, tu = R.load_reference()
     seed_everything(seed)
     ref = R.reference_model(cfg.model, cfg.memory, cfg.data.feature_dim, n_genes)
+    if cfg.model.dropout == cfg.model.attn_dropout == cfg.model.omics_dropout == 0.0:  # --no-dropout
+        R.disable_dropout(ref)
     init_state = copy.deepcopy(ref.state_dict())
     opt = torch.optim.AdamW(ref.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     hp = R.hparams(cfg.loss, cfg.train.grad_clip)
