@@ -100,6 +100,12 @@ FED_VARIANTS: dict[str, dict] = {
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
     "steps32": {"federation.local_steps": 32},
     "reset_opt": {"federation.reset_optimizer": True},
+    # the memory fixed within a round at every site (ema mode, local momentum 1): all sites' encoders are trained
+    # against the same target, and the server alone moves it, from the merged assigned means (patches + genomics)
+    "mem_round_frozen": {"memory.update": "ema", "memory.momentum": 1.0},
+    # as mem_round_frozen, the server moving it from the paired sites' genomic embeddings only: a server-held
+    # genomic reference the histology side is aligned to
+    "genomic_ref": {"memory.update": "ema", "memory.momentum": 1.0, "memory.ema_source": "omics"},
     "decoder_shared": {"federation.shared": _DEFAULT_SHARED + ["omics_decoder."],
                        "federation.paired_only": ["omics_encoder.", "omics_proj.", "omics_decoder."]},
 }

@@ -74,7 +74,7 @@ class MemoryConfig:
 
     slots: int = 16  # K slots per class
     update: Literal["gradient", "ema", "frozen"] = "gradient"  # how slots move (method.md, two modes + ablation)
-    momentum: float = 0.99  # mu for ema: c <- mu*c + (1-mu)*mean(assigned), renormalised
+    momentum: float = 0.99  # ema: c <- mu*c + (1-mu)*mean(assigned), renormalised (1: only the server's merge moves c)
     ema_source: Literal["omics", "patches", "both"] = "both"  # which embeddings are assigned to slots in ema mode
     kmeans_iters: int = 20  # Lloyd iterations of the initial k-means (a site's own clusters, the server's pooling)
     kmeans_rounds: int = 1  # federated set-up: exchanges that refine the pooled centroids at every site (0 = none)
@@ -310,8 +310,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"memory.{key}: must be >= 1, got {getattr(cfg.memory, key)}")
     if cfg.memory.kmeans_rounds < 0:
         raise ConfigError(f"memory.kmeans_rounds: must be >= 0, got {cfg.memory.kmeans_rounds}")
-    if not 0.0 <= cfg.memory.momentum < 1.0:
-        raise ConfigError(f"memory.momentum: must be in [0, 1), got {cfg.memory.momentum}")
+    if not 0.0 <= cfg.memory.momentum <= 1.0:
+        raise ConfigError(f"memory.momentum: must be in [0, 1], got {cfg.memory.momentum}")
     for key in ("memory_momentum", "slot_momentum"):
         if not 0.0 <= getattr(cfg.federation, key) < 1.0:
             raise ConfigError(f"federation.{key}: must be in [0, 1), got {getattr(cfg.federation, key)}")

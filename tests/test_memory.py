@@ -58,6 +58,21 @@ def test_ema_source_selects_assigned_embeddings(source, expected):
     assert float(mem.agg_counts[0].sum()) == expected
 
 
+def test_ema_momentum_one_fixes_the_slots_in_local_training_and_still_aggregates():
+    """memory.momentum 1: within a round the slots stay the server's; what leaves the site are the assigned sums."""
+    mem = ClassMemory(MemoryConfig(slots=3, update="ema", momentum=1.0, ema_source="both"), dim=5)
+    c = torch.eye(3, 5)
+    mem.set_slots(torch.stack([c, c]))
+    before = mem.slots.clone()
+    patches = F.normalize(torch.tensor([[1.0, 0.2, 0, 0, 0], [0, 0, 1.0, 0, 0.4]]), dim=-1)
+    omics = F.normalize(torch.tensor([0.8, 0, 0, 0, -0.5]), dim=-1)
+    for _ in range(3):
+        mem.update(1, patches, omics)
+    assert torch.equal(mem.slots, before)
+    torch.testing.assert_close(mem.agg_counts[1], torch.tensor([6.0, 0, 3]))
+    torch.testing.assert_close(mem.agg_sums[1, 0], 3 * (patches[0] + omics))
+
+
 def test_frozen_memory_never_moves_but_counts_usage():
     mem = ClassMemory(MemoryConfig(slots=4, update="frozen"), dim=8)
     before = mem.slots.clone()
