@@ -106,6 +106,8 @@ FED_VARIANTS: dict[str, dict] = {
     # as mem_round_frozen, the server moving it from the paired sites' genomic embeddings only: a server-held
     # genomic reference the histology side is aligned to
     "genomic_ref": {"memory.update": "ema", "memory.momentum": 1.0, "memory.ema_source": "omics"},
+    # the memory as genomic_ref, moved per step at each site (memory.momentum's default) as well as by the server
+    "ema_omics": {"memory.update": "ema", "memory.ema_source": "omics"},
     "decoder_shared": {"federation.shared": _DEFAULT_SHARED + ["omics_decoder."],
                        "federation.paired_only": ["omics_encoder.", "omics_proj.", "omics_decoder."]},
 }
