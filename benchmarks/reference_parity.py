@@ -19,7 +19,9 @@ Per seed:
   classifier head by ``engine.evaluate`` (histology-only);
 - ``ours_refinit`` (diagnostic, ``--models``): ours started from the reference run's initial weights (the
   mapping of tests/reference_momkd.py; no k-means), so that only the implementation and the dropout streams
-  differ.
+  differ; ``ours_refinit_ulp`` (diagnostic): the same, every initial weight one float32 step (ulp) up, to show how
+  far a rounding-sized difference alone carries a training run (with ``--no-dropout`` the two implementations
+  differ by rounding only: tests/test_reference_parity.py).
 
 Dims: ``configs/cpu_small.yaml`` (hidden 128, shared 32, K = 8) except the genomic MLP's hidden width, 512,
 which the reference fixes. ``--set KEY=VALUE`` changes our config (e.g. ``loss.commit_slot=moving``); rows are
@@ -68,7 +70,7 @@ from momkd_fed.model import build_model  # noqa: E402
 from momkd_fed.training import normalise_sites  # noqa: E402
 
 log = logging.getLogger("reference_parity")
-MODELS = ("reference", "ours", "ours_refinit")
+MODELS = ("reference", "ours", "ours_refinit", "ours_refinit_ulp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -196,7 +198,8 @@ def train_reference(cfg: Config, split: dict, n_genes: int, seed: int) -> tuple[
 # ours, trained by the engine
 
 
-def train_ours(cfg: Config, split: dict, n_genes: int, seed: int, init_from: torch.nn.Module | None) -> dict:
+def train_ours(cfg: Config, split: dict, n_genes: int, seed: int, init_from: torch.nn.Module | None,
+               ulp: bool = False) -> dict:
     cfg = with_overrides(cfg, {"train.seed": seed})
     seed_everything(seed)
     model = build_model(cfg, cfg.data.feature_dim, n_genes)
@@ -204,6 +207,10 @@ def train_ours(cfg: Config, split: dict, n_genes: int, seed: int, init_from: tor
         init_memory_from_bags(model, split["train"], cfg)
     else:
         R.copy_from_reference(model, init_from)
+    if ulp:  # every initial weight one float32 step up: a change of the size of a rounding difference
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.nextafter(p, torch.full_like(p, math.inf)))
     result = fit(model, split["train"], split["val"], cfg, device=torch.device("cpu"),
                  log_fn=lambda row: log.info("ours seed %d epoch %d: val AUC %.3f (%.0f s)", seed, row["epoch"],
                                              row.get("val_auc", math.nan), row["seconds"]))
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ref_init is None:
                     seed_everything(seed)
                     ref_init = R.reference_model(cfg.model, cfg.memory, cfg.data.feature_dim, n_genes)
-                res = train_ours(cfg, split, n_genes, seed, ref_init)
+                res = train_ours(cfg, split, n_genes, seed, ref_init, ulp=model == "ours_refinit_ulp")
             row = {"task": a.task, "seed": seed, "model": model, "overrides": key_ov, "sites": sites,
                    "slides": counts, "seconds": time.perf_counter() - t0, "result": res}
             if key not in done:
