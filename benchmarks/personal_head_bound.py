@@ -7,11 +7,11 @@ the two: the CENTRALISED model's encoders, memory and temperature, frozen, with 
 architecture) trained at each site on that site's training slides alone, then scored on that site's test slides,
 against the centralised model's own classifier on the same slides.
 
-Head training, per site: the slide vectors v = attention-pooled histology features of the frozen model (eval mode,
-histology only) are computed once; a fresh head (LayerNorm, Linear, ReLU, Dropout, Linear; train.* lr, weight
-decay, class-balanced order, one slide per step) is trained for ``train.epochs`` epochs with early stopping on the
-site's validation AUC (``train.patience``; the last epoch where validation holds one class), seeded by the
-training seed. Cohort and model settings: accuracy.py's ``--medium`` (the same cohort folder under ``--out``).
+Head training, per site: the slide vectors v (the attention-pooled histology features the frozen model's
+classifier receives; eval mode, histology only) are computed once; a fresh head (LayerNorm, Linear, ReLU, Dropout,
+Linear; train.* lr, weight decay, class-balanced order, one slide per step) is trained for ``train.epochs``
+epochs with early stopping on the site's validation AUC (``train.patience``; the last epoch where validation
+holds one class), seeded by the training seed. Cohort and model settings: accuracy.py's ``--medium`` (the same cohort folder under ``--out``).
 
 Usage::
 
@@ -29,6 +29,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -58,15 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def slide_vectors(model: nn.Module, bags: list) -> torch.Tensor:
-    """(N, D) attention-pooled histology features v of the frozen model (eval mode, histology only)."""
+    """(N, D) what the frozen model's classifier receives for each slide (eval mode, histology only)."""
     model.eval()
-    vs = []
-    for b in bags:
-        h = model.histology_encoder(b.features, b.neighbors).float()  # (P, D)
-        sc = model.memory.scores(model._project_patches(h))  # (2, P)
-        attention = torch.softmax((sc[1] - sc[0]) / model.tau(), dim=0)  # (P,)
-        vs.append(attention @ h)  # (D,)
-    return torch.stack(vs) if vs else torch.zeros(0)
+    seen: list[torch.Tensor] = []
+    hook = model.classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0].squeeze(0)))
+    try:
+        for b in bags:
+            model(b.features, b.neighbors)
+    finally:
+        hook.remove()
+    return torch.stack(seen) if seen else torch.zeros(0)
 
 
 def train_head(template: nn.Sequential, v: dict[str, torch.Tensor], y: dict[str, torch.Tensor], cfg: Config,
@@ -81,7 +83,7 @@ def train_head(template: nn.Sequential, v: dict[str, torch.Tensor], y: dict[str,
             m.reset_parameters()
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    labels = [type("B", (), {"label": int(t)})() for t in y["train"]]
+    labels = [SimpleNamespace(label=int(t)) for t in y["train"]]  # what sample_order reads of a bag
     best, best_state, best_epoch, since = -math.inf, copy.deepcopy(head.state_dict()), 0, 0
     for epoch in range(1, cfg.train.epochs + 1):
         head.train()
@@ -128,9 +130,10 @@ def run(a: argparse.Namespace, task: str, seed: int) -> dict:
         head, epoch = train_head(model.classifier, v, y, base, seed)
         with torch.no_grad():
             own = torch.softmax(head(v["test"]), -1)[:, 1].numpy()
-        res["sites"][sc.name] = {"paired": bool(sc.omics), "n_train": len(split["train"]),
-                                 "n_test": len(split["test"]), "centralised_classifier": roc_auc(y["test"].numpy(), central),
-                                 "site_head": roc_auc(y["test"].numpy(), own), "best_epoch": epoch}
+        yt = y["test"].numpy()
+        res["sites"][sc.name] = {"paired": bool(sc.omics), "n_train": len(split["train"]), "n_test": len(yt),
+                                 "centralised_classifier": roc_auc(yt, central), "site_head": roc_auc(yt, own),
+                                 "best_epoch": epoch}
         log.info("%s seed %d %-10s centralised classifier %.3f, own head on the centralised encoders %.3f (%d train)",
                  task, seed, sc.name, res["sites"][sc.name]["centralised_classifier"],
                  res["sites"][sc.name]["site_head"], len(split["train"]))
@@ -146,7 +149,8 @@ def report(rows: list[dict]) -> str:
             c = np.nanmean([s["centralised_classifier"] for s in r["sites"].values()])
             o = np.nanmean([s["site_head"] for s in r["sites"].values()])
             diffs.append(o - c)
-            per = ", ".join(f"{n} {s['centralised_classifier']:.2f}/{s['site_head']:.2f}" for n, s in r["sites"].items())
+            per = ", ".join(f"{n} {s['centralised_classifier']:.2f}/{s['site_head']:.2f}"
+                            for n, s in r["sites"].items())
             lines.append(f"| {task} | {r['seed']} | {c:.3f} | {o:.3f} | {o - c:+.3f} | {per} |")
         if len(diffs) > 1:
             lines.append(f"| {task} | mean | | | {np.mean(diffs):+.3f}±{np.std(diffs, ddof=1):.3f} | |")

@@ -89,8 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model-config", default=str(ROOT / "configs" / "cpu_small.yaml"))
     p.add_argument("--no-dropout", action="store_true",
-                   help="dropout off in both models (ours: model.dropout/attn_dropout/omics_dropout = 0; the reference: "
-                        "every dropout p = 0): the training runs then differ by nothing random but the initialisation")
+                   help="dropout off in both models (ours: model.dropout/attn_dropout/omics_dropout = 0; the "
+                        "reference: every dropout p = 0); with ours_refinit the two runs then share every random draw")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of our config")
     p.add_argument("--out", default="runs/reference_parity")
     a = p.parse_args(argv)

@@ -10,8 +10,9 @@ SuperNode authentication, the tiny synthetic federation, 2 rounds. Start order d
   site crashes (SIGKILL of its SuperNode) during round 1: the round completes with the others, the run
   finishes, the dropout is in rounds.jsonl.
 
-Once a site is connected its messages' ClientApps are forked from its warm starter (client/warm_start.py). Slow (about 2-4
-minutes each on 2 cores): marked ``slow``. A site retrying while its key gets registered: test_deploy_client.py.
+Once a site is connected its messages' ClientApps are forked from its warm starter (client/warm_start.py). Slow
+(about 2-4 minutes each on 2 cores): marked ``slow``. A site retrying while its key gets registered:
+test_deploy_client.py.
 """
 
 from __future__ import annotations
