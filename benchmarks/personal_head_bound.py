@@ -118,7 +118,7 @@ def run(a: argparse.Namespace, task: str, seed: int) -> dict:
     out = Path(a.out).resolve() / "personal_head_bound" / task / f"seed{seed}"
     if not (out / "metrics.json").is_file():
         run_training(base, out, pooled=True)
-    model, cfg, _ = load_model(out / "model.pt")
+    model, _, _ = load_model(out / "model.pt")
     res: dict = {"task": task, "seed": seed, "sites": {}}
     for sc in base.sites:
         data = load_site(sc, base)
