@@ -115,6 +115,33 @@ def iter_rounds(path: Path, start: int = 0) -> Iterator[dict]:
                 yield json.loads(text)
 
 
+class RoundsFollower:
+    """The rows a growing ``rounds.jsonl`` gains, each returned once, for a live progress table.
+
+    ``skip_existing``: rows already in the file are not returned (``--resume``: the previous session printed them).
+    Each call reads the whole file once (a row is a few kB, a run tens of rows) and returns its complete lines not
+    returned before, so a row appended while it runs comes with the next call, and a file replaced under it (a fresh
+    run in the same folder, a resume truncating to its last checkpoint) needs no special case: every row carries its
+    own timings, so a round run again differs from the row it replaces.
+    """
+
+    def __init__(self, path: Path, skip_existing: bool = False):
+        self.path = Path(path)
+        self.seen: set[bytes] = set(self._complete_lines()) if skip_existing else set()
+
+    def _complete_lines(self) -> list[bytes]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [line for line in data[:data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
+
+    def new_rows(self) -> list[dict]:
+        fresh = [line for line in self._complete_lines() if line not in self.seen]
+        self.seen.update(fresh)
+        return [json.loads(line) for line in fresh]
+
+
 def truncate_rounds(run_dir: str | Path, last_round: int) -> int:
     """Keep only the rows with ``round <= last_round`` (used on resume); returns the rows kept."""
     path = Path(run_dir) / ROUNDS_FILE

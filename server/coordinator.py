@@ -39,7 +39,7 @@ from pathlib import Path
 from momkd_fed.config import Config, load_config
 from momkd_fed.errors import MomkdError
 from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, ROUNDS_FILE, SUMMARY_FILE,
-                               iter_rounds, read_summary)
+                               RoundsFollower, read_summary)
 
 from client.run_config import RunOptions, make_run_config
 from .app_dir import write_app_dir
@@ -47,7 +47,7 @@ from momkd_fed.processes import FlowerProcess, LaunchError, flower_env
 
 from .control import ControlClient, register_keys_before_start
 from .deploy import CONNECTION_NAME, flwr_cli, site_keys, start_superlink, write_flwr_config
-from .simulate import RoundTable, final_lines
+from .simulate import RoundTable, final_lines, show_new_rounds
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +210,12 @@ class Coordinator:
             self.link.track()
         return self._control().run_status(run_id)
 
-    def follow(self, run_id: int, table: RoundTable | None, offset: int) -> str:
+    def follow(self, run_id: int, rows: RoundsFollower, table: RoundTable | None) -> str:
         """Print rounds as they complete until the run finishes; returns its final status."""
-        rounds_path = self.out / ROUNDS_FILE
         limit = self.opts.timeout or self.cfg.federation.round_timeout * (self.cfg.federation.rounds + 2)
         t0, last_check, status = time.monotonic(), 0.0, ""
         while True:
-            offset = self._print_rounds(rounds_path, offset, table)
+            show_new_rounds(rows, table)
             now = time.monotonic()
             every = STATUS_SOON if (self.out / SUMMARY_FILE).exists() else STATUS_EVERY
             if now - last_check >= every:
@@ -226,7 +225,7 @@ class Coordinator:
                     log.info("run %d: %s", run_id, new)
                     status = new
                 if status.startswith(FINISHED):
-                    self._print_rounds(rounds_path, offset, table)
+                    show_new_rounds(rows, table)
                     return status
             self._check_alive()
             if now - t0 > limit:
@@ -260,17 +259,6 @@ class Coordinator:
             tail = self.link.tail(20) if self.link is not None else ""
             raise LaunchError(f"the SuperLink exited (see {self.flower / 'superlink.log'}):\n{tail}")
         self.link.track()
-
-    def _print_rounds(self, path: Path, offset: int, table: RoundTable | None) -> int:
-        if not path.exists():
-            return offset
-        if path.stat().st_size < offset:  # the ServerApp started afresh and cleared the file
-            offset = 0
-        for row in iter_rounds(path, offset):
-            if table is not None:
-                table.row(row)
-        data = path.read_bytes()
-        return data.rfind(b"\n") + 1
 
     def _record(self, entry: dict) -> None:
         with (self.flower / "runs.jsonl").open("a") as f:
@@ -334,7 +322,7 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
     table = RoundTable(names, primary_head(global_model_heads(cfg)) or "memory")
     say = table.console.print
     rounds_path = out / ROUNDS_FILE
-    offset = rounds_path.stat().st_size if (resume and rounds_path.exists()) else 0
+    rows = RoundsFollower(rounds_path, skip_existing=resume)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     run_id, status = None, "not started"
     try:
@@ -347,8 +335,10 @@ def run_server(config: Path, certs: Path | None, out: Path, *, resume: bool = Fa
         run_id = coord.submit()
         say(f"run {run_id} submitted ({'resuming' if resume else 'fresh'}): {cfg.federation.rounds} rounds -> {out}")
         table.header()
-        status = coord.follow(run_id, table, offset)
+        status = coord.follow(run_id, rows, table)
     except (KeyboardInterrupt, Interrupted) as exc:
+        if run_id is not None:
+            show_new_rounds(rows, table)  # every round the run folder holds is on screen before we stop
         say(f"interrupted ({exc or 'Ctrl-C'}): stopping the SuperLink and the ServerApp; resume with --resume")
         status = "interrupted"
     except LaunchError as exc:

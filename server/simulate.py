@@ -30,7 +30,7 @@ from momkd_fed.report import build_report
 from momkd_fed.heads import model_label
 from momkd_fed.processes import LaunchError
 from momkd_fed.run_log import (BEST_MODEL_FILE, GLOBAL_MODEL_FILE, PERSONAL_MODEL_FILE, PREDICTIONS_DIR, ROUNDS_FILE,
-                               SUMMARY_FILE, iter_rounds, json_safe, read_summary, write_json_atomic,
+                               SUMMARY_FILE, RoundsFollower, json_safe, read_summary, write_json_atomic,
                                write_predictions_csv)
 
 from client.run_config import RunOptions, make_run_config
@@ -111,6 +111,13 @@ class RoundTable:
                            f"{fmt(r['test_auc'].get('pooled')):>9}")
 
 
+def show_new_rounds(rows: RoundsFollower, table: RoundTable | None) -> None:
+    """One table row per round ``rows`` has gained since the last call (read even without a table: it moves on)."""
+    for row in rows.new_rows():
+        if table is not None:
+            table.row(row)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -130,9 +137,9 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
     opts = RunOptions(out_dir=str(out_dir), resume=resume, state_dir=str(out_dir / "site_state"))
     app_dir = write_app_dir(flower / "app", make_run_config(cfg, opts))
     rounds_path = out_dir / ROUNDS_FILE
-    offset = rounds_path.stat().st_size if (resume and rounds_path.exists()) else 0
     if not resume:
         rounds_path.unlink(missing_ok=True)
+    rows = RoundsFollower(rounds_path, skip_existing=resume)
     limit = timeout or cfg.federation.round_timeout * (cfg.federation.rounds + 2)
     old = signal.signal(signal.SIGTERM, _on_sigterm)
     link = LocalSuperLink(flower)
@@ -145,11 +152,7 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
         log.info("simulation run %d submitted (%d virtual sites)", run_id, len(cfg.sites))
         t0, last = time.monotonic(), 0.0
         while True:
-            for row in iter_rounds(rounds_path, offset):
-                if table is not None:
-                    table.row(row)
-            if rounds_path.exists():
-                offset = _complete_size(rounds_path)
+            show_new_rounds(rows, table)
             now = time.monotonic()
             if now - last >= STATUS_EVERY or (out_dir / SUMMARY_FILE).exists():
                 last = now
@@ -159,9 +162,7 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
                     log.warning("run status not known yet (%s); asking again in %.0f s", exc, STATUS_EVERY)
                     continue
                 if status.startswith(FINISHED):
-                    for row in iter_rounds(rounds_path, offset):
-                        if table is not None:
-                            table.row(row)
+                    show_new_rounds(rows, table)
                     break
             if not link.alive():
                 status = "superlink exited"
@@ -172,6 +173,7 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
             time.sleep(0.5)
     except (KeyboardInterrupt, _Interrupted):
         interrupted = True
+        show_new_rounds(rows, table)  # every round the run folder holds is on screen before we stop
         raise
     finally:
         if run_id is not None and not interrupted:
@@ -183,12 +185,6 @@ def run_simulation(cfg: Config, out_dir: Path, *, resume: bool = False, timeout:
         signal.signal(signal.SIGTERM, old)
     summary = read_summary(out_dir) if status == COMPLETED else None
     return status, summary
-
-
-def _complete_size(path: Path) -> int:
-    """Bytes of ``path`` up to and including its last newline (rows after it are still being written)."""
-    data = path.read_bytes()
-    return data.rfind(b"\n") + 1
 
 
 # --------------------------------------------------------------------------------------------------------------
