@@ -72,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from momkd_fed.config import Config, SiteConfig, from_flat, load_config, to_flat  # noqa: E402
+from momkd_fed.config import Config, FederationConfig, SiteConfig, from_flat, load_config, to_flat  # noqa: E402
 from momkd_fed.metrics import roc_auc  # noqa: E402
 
 log = logging.getLogger("accuracy")
@@ -418,23 +418,25 @@ def execute(setting: str, cfg: Config, out: Path) -> dict:
 
 
 def personal_classifier_aucs(run_dir: Path, best_round: int | None) -> dict:
-    """Each site's personal classifier test AUC, as the federation reports it today.
+    """Each site's personal classifier test AUC: its ``personal_model.pt``, and the same model at other rounds.
 
     The personal model of a site is the global encoders and memory of a round plus the site's own private
     classifier head and temperature (trained in that round; ``client.local_round.evaluate_round``); every
-    evaluate reply carries its test and validation AUC (``rounds.jsonl`` -> ``evaluate.<site>.personal``). The
-    round read is the one the site itself would choose: the best personal validation AUC on its own validation
-    split (ties: the earlier round; no finite value: the last round). Also kept: the values at the federation's
-    best round (``best_model.pt``) and at the last round. Per-slide outputs never leave a site, so there is no
-    AUC over the union of all sites' test slides here. (Issue 12 adds ``personal_model.pt`` per site; phase 2 reads
-    that file here instead.)
+    evaluate reply carries its test and validation AUC (``rounds.jsonl`` -> ``evaluate.<site>.personal``) and the
+    round and AUCs of the site's ``personal_model.pt`` (the round ``federation.personal_round`` keeps). "sites" is
+    that file, as the site's last evaluate reply reports it; also kept, from the same rows: the personal model at
+    the round of the site's best own validation AUC (ties: the earlier round; no finite value: the last round;
+    ``federation.personal_round: best_validation``), at the federation's best round (``best_model.pt``) and at the
+    last round (``last``). Per-slide outputs never leave a site, so there is no AUC over the union of all sites'
+    test slides here.
 
     Returns
     -------
     dict
-        ``{"sites": {site: {"classifier": test AUC, "round": r, "val_auc": v}}, "at_best_round": {site: AUC},
-        "at_last_round": {site: AUC}, "rule": str}``
+        ``{"sites": {site: {"classifier": test AUC, "round": r, "val_auc": v}}, "at_own_best_val": {site: AUC},
+        "own_best_val_round": {site: r}, "at_best_round": {site: AUC}, "at_last_round": {site: AUC}}``
     """
+    from momkd_fed.federation import contract
     from momkd_fed.run_log import read_rounds
 
     rows = read_rounds(run_dir)
@@ -446,15 +448,20 @@ def personal_classifier_aucs(run_dir: Path, best_round: int | None) -> dict:
         return math.nan if v is None else float(v)
 
     sites = sorted({s for r in rows for s in r.get("evaluate", {})})
-    out: dict = {"sites": {}, "rule": "own validation split: best personal val AUC (ties: earlier round)"}
+    out: dict = {"sites": {}, "at_own_best_val": {}, "own_best_val_round": {}}
     for site in sites:
         chosen, best = rows[-1], -math.inf
         for r in rows:
             v = pers(r, site, "val_auc")
             if math.isfinite(v) and v > best:
                 chosen, best = r, v
-        out["sites"][site] = {"classifier": pers(chosen, site, "test_auc"), "round": chosen["round"],
-                              "val_auc": best if math.isfinite(best) else math.nan}
+        out["at_own_best_val"][site] = pers(chosen, site, "test_auc")
+        out["own_best_val_round"][site] = chosen["round"]
+        last = [r for r in rows if pers(r, site, contract.PERSONAL_FILE_ROUND) > 0]
+        if last:
+            out["sites"][site] = {"classifier": pers(last[-1], site, contract.PERSONAL_FILE_TEST_AUC),
+                                  "round": int(pers(last[-1], site, contract.PERSONAL_FILE_ROUND)),
+                                  "val_auc": pers(last[-1], site, contract.PERSONAL_FILE_VAL_AUC)}
     by_round = {r["round"]: r for r in rows}
     best_row = by_round.get(best_round or -1, rows[-1])
     out["at_best_round"] = {s: pers(best_row, s, "test_auc") for s in sites}
@@ -530,11 +537,16 @@ def _row_key(r: dict) -> tuple:
                                                                         sort_keys=True))
 
 
+# settings that change no trained weight, only which round's model a site keeps as a file (a results row records
+# every rule: ``personal_by_rule``): left out of the fingerprint, so runs from before them are not run again
+NOT_TRAINING = ("federation.personal_round",)
+
+
 def config_fingerprint(cfg: Config) -> str:
     """A short hash of every setting of ``cfg`` except the site paths (the cohort is named by --out and the task)."""
     import hashlib
 
-    flat = {k: v for k, v in to_flat(cfg).items() if k != "sites"}
+    flat = {k: v for k, v in to_flat(cfg).items() if k != "sites" and k not in NOT_TRAINING}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -626,7 +638,7 @@ def _heads(r: dict, task_sites: list[str]) -> dict[str, float]:
     res = r["result"]
     if r["setting"] == "federated":
         mem = res["global"]
-        pers = {s: {"classifier": v["classifier"]} for s, v in res["personal"]["sites"].items()}
+        pers = {s: {"classifier": v} for s, v in personal_by_rule(r)[personal_rule(r)].items()}
         return {"memory_sites": _site_mean(mem, "memory", task_sites), "memory_pooled": mem["pooled"]["memory"],
                 "classifier_sites": _site_mean({"sites": pers}, "classifier", task_sites),
                 "classifier_pooled": math.nan}
@@ -634,6 +646,52 @@ def _heads(r: dict, task_sites: list[str]) -> dict[str, float]:
             "memory_pooled": res["pooled"].get("memory", math.nan) if r["setting"] == "pooled" else math.nan,
             "classifier_sites": _site_mean(res, "classifier", task_sites),
             "classifier_pooled": res["pooled"].get("classifier", math.nan) if r["setting"] == "pooled" else math.nan}
+
+
+def personal_rule(r: dict) -> str:
+    """The ``federation.personal_round`` a federated results row's config used (its variant's, or the default)."""
+    return r.get("variant_overrides", {}).get("federation.personal_round", FederationConfig().personal_round)
+
+
+def personal_by_rule(r: dict) -> dict[str, dict[str, float]]:
+    """Site -> personal classifier test AUC of a federated results row, for each round rule: "last",
+    "best_validation" (the site's best own validation round) and "federation_best" (the round of ``best_model.pt``).
+    The row's own rule reads its ``personal_model.pt`` as reported; rows written before ``personal_round`` existed
+    kept the site's best own validation round as "sites"."""
+    p = r["result"]["personal"]
+    files = {s: v["classifier"] for s, v in p["sites"].items()}
+    out = {"last": p["at_last_round"], "federation_best": p["at_best_round"],
+           "best_validation": p.get("at_own_best_val", files)}
+    if "at_own_best_val" in p:  # the file, as the sites reported it
+        out[personal_rule(r)] = files
+    return out
+
+
+def personal_rule_table(task: str, by: dict, variants: list[str], allsites: list[str], histo: list[str]) -> list[str]:
+    """Markdown rows: each variant's personal classifiers under each round rule, against the centralised classifier
+    (site mean) and, for the histology-only sites, against MoMKD trained alone there."""
+    cen, alone = by.get("centralised", {}), by.get("alone", {})
+    lines = [f"Personal models of {task.upper()} by the round each site keeps (`federation.personal_round`; the same "
+             "runs, read at another round): Δ vs the centralised classifier (site mean, all sites) / histology-only "
+             "gain over MoMKD alone; mean±std over seeds.", "",
+             "| variant | last round | own best validation round | federation's best round | seeds |",
+             "|---|---|---|---|---|"]
+    for name in variants:
+        runs = {s: r for s, r in by.get(name, {}).items() if s in cen and s in alone}
+        if not runs:
+            continue
+        cells = []
+        for rule in ("last", "best_validation", "federation_best"):
+            d, g = [], []
+            for s, r in runs.items():
+                pers = {k: {"classifier": v} for k, v in personal_by_rule(r)[rule].items()}
+                d.append(_site_mean({"sites": pers}, "classifier", allsites)
+                         - _site_mean(cen[s]["result"], "classifier", allsites))
+                g.append(_site_mean({"sites": pers}, "classifier", histo)
+                         - _site_mean(alone[s]["result"], "classifier", histo))
+            cells.append(f"{_fmt_d(d)} / {_fmt_d(g)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+    return lines + [""]
 
 
 def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: dict[str, list[str]],
@@ -656,7 +714,8 @@ def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: d
         lines += [f"#### {task.upper()} (test AUC, mean±std over seeds; genomic sites: {', '.join(genomic[task])}; "
                   f"histology-only: {', '.join(histo[task])})", "",
                   "Global model's memory head (federated: `best_model.pt`) vs the centralised model's memory head; "
-                  "the sites' personal classifiers (federated, each at the round its own validation split picks) "
+                  "the sites' personal classifiers (federated, `personal_model.pt`: the round "
+                  "`federation.personal_round` keeps) "
                   "vs the centralised model's classifier. \"Δ vs centralised\": per-seed difference (same seed and "
                   "splits), mean±std; \"gain\": histology-only sites' personal classifier minus MoMKD trained there "
                   "alone.", "",
@@ -683,7 +742,7 @@ def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: d
                 rounds = ""
                 if name != "centralised":
                     rounds = _rounds([runs[s]["result"]["best_round"] for s in seeds], "") if head == "memory" else \
-                        "own val"
+                        ", ".join(sorted({personal_rule(runs[s]) for s in seeds}))
                 else:
                     rounds = "epochs " + _rounds([runs[s]["result"].get("best_epoch") for s in seeds], "")
                 lines.append(f"| {name} | {label} | {_fmt(vals['all'])} | {_fmt(vals['gen'])} | {_fmt(vals['his'])} "
@@ -706,6 +765,7 @@ def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: d
                 lines.append(f"| {name} | {s} | {h_all['memory_pooled']:.3f} / {h_all['memory_sites']:.3f} | "
                              f"{h_all['classifier_sites']:.3f} / {h_his['classifier_sites']:.3f} | {br} |")
         lines.append("")
+        lines += personal_rule_table(task, by, variants, allsites, histo[task])
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@
   private parts at their seeded initial values; its classifier counts only where the head is shared) and of the
   *personalised* model (the same plus this site's private head and temperature); the global model's validation
   histograms for the federated calibration (``momkd_fed.calibration.site_histograms``, under the minimum
-  count); the site's ``personal_model.pt`` for the round it judges best on its own validation split.
+  count); the site's ``personal_model.pt`` (``federation.personal_round``: the last round, or the site's best on
+  its own validation split).
 - :func:`kmeans_points`: the patch projections the federated k-means initialisation clusters.
 - :func:`audit_reply`: one line of the site's privacy audit log for a query reply (k-means, genomic moments).
 
@@ -265,9 +266,10 @@ def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path
     """Histology-only test and validation metrics of the global and of the personalised model, the global model's
     validation histograms for the federated calibration, and this site's personal model.
 
-    The site keeps the personalised model of the round it judges best on its own validation split (classifier
-    AUC, ``federation.selection.BestRound``) as ``personal_model.pt`` in its state folder, calibrated on that
-    split; only its round and AUCs are reported. With ``privacy.audit`` the reply is described in the audit log.
+    The site keeps the personalised model of the round ``federation.personal_round`` names (the last one
+    evaluated, or its best on its own validation split by classifier AUC, ``federation.selection.BestRound``) as
+    ``personal_model.pt`` in its state folder, calibrated on its validation split; only its round and AUCs are
+    reported. With ``privacy.audit`` the reply is described in the audit log.
 
     Returns
     -------
@@ -312,17 +314,21 @@ def evaluate_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path
 
 def _personal_model(rt: SiteRuntime, g: GlobalModel, state_dir: Path, model: torch.nn.Module, val,
                     metrics: dict[str, float]) -> tuple[int, float, float]:
-    """Record this round's personal validation / test AUC; if it is the site's best round so far, write
-    ``personal_model.pt`` (calibrated on the site's validation split). Returns the file's round, validation AUC
+    """Record this round's personal validation / test AUC; write ``personal_model.pt`` (calibrated on the site's
+    validation split) if this round is the one ``federation.personal_round`` keeps: every round ("last"), or the
+    site's best so far on its own validation split ("best_validation"). Returns the file's round, validation AUC
     and test AUC (round 0 and NaN before any file exists)."""
     cfg = rt.cfg
     rounds = {r: v for r, v in load_personal_rounds(state_dir).items() if r < g.round}  # a re-run forgets later ones
     rounds[g.round] = {"val_auc": metrics[contract.VAL_AUC], "test_auc": metrics[contract.TEST_AUC]}
-    best = BestRound()
-    for r in sorted(rounds):
-        best.offer(r, rounds[r]["val_auc"], contract.VAL_AUC)
+    keep = g.round
+    if cfg.federation.personal_round == "best_validation":
+        best = BestRound()
+        for r in sorted(rounds):
+            best.offer(r, rounds[r]["val_auc"], contract.VAL_AUC)
+        keep = best.round
     path = state_dir / PERSONAL_MODEL_FILE
-    if best.round == g.round:
+    if keep == g.round:
         heads = model_heads(cfg)
         cal = calibrate_heads(cfg, val.labels, {h: val.scores(h) for h in heads},
                               f"validation split of site {rt.name} ({len(val.labels)} slides)")
@@ -338,7 +344,7 @@ def _personal_model(rt: SiteRuntime, g: GlobalModel, state_dir: Path, model: tor
     save_personal_rounds(state_dir, rounds)
     if not path.is_file():
         return 0, math.nan, math.nan
-    return best.round, rounds[best.round]["val_auc"], rounds[best.round]["test_auc"]
+    return keep, rounds[keep]["val_auc"], rounds[keep]["test_auc"]
 
 
 def kmeans_points(rt: SiteRuntime, g: GlobalModel, state_dir: Path) -> dict[int, torch.Tensor]:

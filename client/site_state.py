@@ -16,12 +16,13 @@ round's train message carries the very same tensors, so the server sends them on
 message with ``contract.CFG_CACHED_ROUND = r`` and no ``"arrays"`` / ``"memory"`` records means "the global model
 of round r's evaluate message" (:func:`load_global_cache`; a site without it says so and is sent them in full).
 
-It holds the site's personal model too: :data:`PERSONAL_MODEL_FILE`, the global encoders and memory of the round
-the site judges best on its own validation split with the site's own classifier and temperature, calibrated on
-that validation split (a regular momkd-fed checkpoint, loadable by ``momkd-fed predict``; it never leaves the
-site), and :data:`PERSONAL_ROUNDS_FILE`, the personal validation and test AUC of every round evaluated, from which
-the best round is chosen (``federation.selection.BestRound``; a resumed run re-evaluating round r forgets the
-rounds >= r first).
+It holds the site's personal model too: :data:`PERSONAL_MODEL_FILE`, the global encoders and memory of one round
+with the site's own classifier and temperature, calibrated on the site's validation split (a regular momkd-fed
+checkpoint, loadable by ``momkd-fed predict``; it never leaves the site): the last round evaluated, or with
+``federation.personal_round: best_validation`` the round the site judges best on its own validation split; and
+:data:`PERSONAL_ROUNDS_FILE`, the personal validation and test AUC of every round evaluated, from which that best
+round is chosen (``federation.selection.BestRound``; a resumed run re-evaluating round r forgets the rounds >= r
+first).
 
 The same folder holds the site's privacy files (``momkd_fed.privacy``): :data:`ACCOUNTANT_FILE`, the memory-DP
 budget spent in this run (saved before each train reply leaves; a re-run round is counted again, which only

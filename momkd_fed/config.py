@@ -148,6 +148,9 @@ class FederationConfig:
         default_factory=lambda: ["omics_encoder.", "omics_proj."]
     )
     min_slot_count: int = 1  # a memory slot aggregate leaves a site only if it summarises >= this many slides
+    # a site's personal_model.pt: the last round it evaluated, or its best round on its own validation split (noisy
+    # where that split is small: benchmarks/README.md Run 6)
+    personal_round: Literal["last", "best_validation"] = "last"
     client_cpus: float = 1.0  # simulation: CPUs per virtual client
     wire_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # train-reply weights dtype (16-bit: as updates)
     round_timeout: float = 3600.0  # seconds the server waits for replies in one round

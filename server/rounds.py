@@ -159,8 +159,8 @@ def summary(cfg: Config, run_dir: Path, state: run_outputs.ServerState, seconds:
     personal = _auc_map({s: f["test_auc"] for s, f in files.items()}, {s: f["test_slides"] for s, f in files.items()})
     last_label = model_label(f"global model ({GLOBAL_MODEL_FILE}, round {state.round})", head) + untrained
     best_label = model_label(f"global model ({BEST_MODEL_FILE}, round {state.best.round})", head) + untrained
-    personal_label = model_label(f"personal models ({PERSONAL_MODEL_FILE} at each site, its own best round)",
-                                 "classifier")
+    kept = "its last round" if cfg.federation.personal_round == "last" else "its own best validation round"
+    personal_label = model_label(f"personal models ({PERSONAL_MODEL_FILE} at each site, {kept})", "classifier")
     best_auc = _test_auc_by_head(best_row).get(f"global_{key}", {})
     return {
         "kind": "federated",

@@ -15,25 +15,56 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import accuracy  # noqa: E402
 
 
-def _row(rnd, pers):
-    """A rounds.jsonl row: site -> (personal val AUC, personal test AUC)."""
-    return {"round": rnd, "evaluate": {s: {"personal": {"val_auc": v, "test_auc": t}, "global": {}}
-                                       for s, (v, t) in pers.items()}}
+def _row(rnd, pers, files=None):
+    """A rounds.jsonl row: site -> (personal val AUC, personal test AUC); ``files``: site -> the round, validation and
+    test AUC of its personal_model.pt as its evaluate reply reports them."""
+    files = files or {}
+    return {"round": rnd, "evaluate": {
+        s: {"personal": {"val_auc": v, "test_auc": t,
+                         **({"personal_file_round": files[s][0], "personal_file_val_auc": files[s][1],
+                             "personal_file_test_auc": files[s][2]} if s in files else {})}, "global": {}}
+        for s, (v, t) in pers.items()}}
 
 
-def test_personal_classifier_read_at_each_sites_own_best_validation_round(tmp_path):
-    rows = [_row(1, {"a": (0.6, 0.50), "b": (None, 0.40)}),
-            _row(2, {"a": (0.8, 0.70), "b": (None, 0.45)}),
-            _row(3, {"a": (0.8, 0.90), "b": (None, 0.55)}),  # a: a tie keeps the earlier round
+def test_personal_classifier_read_from_the_file_and_at_every_other_round_rule(tmp_path):
+    rows = [_row(1, {"a": (0.6, 0.50), "b": (None, 0.40)}, {"a": (1, 0.6, 0.50)}),
+            _row(2, {"a": (0.8, 0.70), "b": (None, 0.45)}, {"a": (2, 0.8, 0.70), "b": (2, None, 0.45)}),
+            _row(3, {"a": (0.8, 0.90), "b": (None, 0.55)}),  # a: a tie keeps the earlier round; no file round: kept
             _row(4, {"a": (0.7, 0.60), "b": (None, 0.65)})]  # b: no validation AUC at all: the last round
     (tmp_path / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = accuracy.personal_classifier_aucs(tmp_path, best_round=3)
-    assert got["sites"]["a"] == {"classifier": 0.70, "round": 2, "val_auc": 0.8}
-    assert got["sites"]["b"]["classifier"] == 0.65 and got["sites"]["b"]["round"] == 4
+    assert got["sites"]["a"] == {"classifier": 0.70, "round": 2, "val_auc": 0.8}  # the file, as last reported
+    assert got["sites"]["b"]["classifier"] == 0.45 and got["sites"]["b"]["round"] == 2
     assert math.isnan(got["sites"]["b"]["val_auc"])
+    assert got["at_own_best_val"] == {"a": 0.70, "b": 0.65} and got["own_best_val_round"] == {"a": 2, "b": 4}
     assert got["at_best_round"] == {"a": 0.90, "b": 0.55} and got["at_last_round"] == {"a": 0.60, "b": 0.65}
     with pytest.raises(RuntimeError, match="rounds.jsonl"):
         accuracy.personal_classifier_aucs(tmp_path / "empty", best_round=None)
+
+
+def test_personal_round_rules_read_new_and_old_results_rows():
+    new = {"result": {"personal": {"sites": {"a": {"classifier": 0.61}}, "at_own_best_val": {"a": 0.7},
+                                   "at_best_round": {"a": 0.8}, "at_last_round": {"a": 0.6}}}}
+    rules = accuracy.personal_by_rule(new)  # the default rule is "last": its figure is the file the site reported
+    assert accuracy.personal_rule(new) == "last"
+    assert rules == {"last": {"a": 0.61}, "best_validation": {"a": 0.7}, "federation_best": {"a": 0.8}}
+    new["variant_overrides"] = {"federation.personal_round": "best_validation"}
+    assert accuracy.personal_by_rule(new)["best_validation"] == {"a": 0.61}
+    assert accuracy.personal_by_rule(new)["last"] == {"a": 0.6}
+    # a row from before federation.personal_round: "sites" held the best own validation round
+    old = {"result": {"personal": {"sites": {"a": {"classifier": 0.7, "round": 2}}, "at_best_round": {"a": 0.8},
+                                   "at_last_round": {"a": 0.6}}}}
+    assert accuracy.personal_by_rule(old) == {"last": {"a": 0.6}, "best_validation": {"a": 0.7},
+                                              "federation_best": {"a": 0.8}}
+
+
+def test_a_setting_that_trains_nothing_differently_keeps_the_fingerprint():
+    from momkd_fed.config import Config
+
+    base = accuracy.config_fingerprint(Config())
+    with_rule = accuracy.with_overrides(Config(), {"federation.personal_round": "best_validation"})
+    assert with_rule.federation.personal_round == "best_validation" and accuracy.config_fingerprint(with_rule) == base
+    assert accuracy.config_fingerprint(accuracy.with_overrides(Config(), {"federation.prox_mu": 0.1})) != base
 
 
 def test_variant_definitions_and_run_claims(tmp_path):

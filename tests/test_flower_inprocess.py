@@ -234,8 +234,10 @@ def test_federation_in_process(tiny, tmp_path):
         predict_test_slides(tmp_path / "best_model.pt", cfg, ["hospital_a"], tmp_path / "p_clf", head="classifier")
     assert checkpoint_heads(meta, cfg)["classifier"] == "untrained"  # global_model.pt too
 
-    # each site's personal model: in its own state folder, its round chosen on its own validation split
+    # each site's personal model: in its own state folder, of the last round (federation.personal_round)
     pers = result["models"]["personal_model.pt"]
+    assert pers["rounds"] == {s.name: 2 for s in cfg.sites}
+    assert "personal_model.pt at each site, its last round" in pers["label"]
     assert pers["head"] == "classifier" and set(pers["rounds"]) == {s.name for s in cfg.sites}
     site = "hospital_b"
     (path,) = (tmp_path / "site_state" / site).glob("*/personal_model.pt")
@@ -246,8 +248,28 @@ def test_federation_in_process(tiny, tmp_path):
     auc_raw, auc_prob, rep = predict_test_slides(path, cfg, [site], tmp_path / "p_personal")
     assert rep.head == "classifier" and auc_raw == pytest.approx(pers["test_auc"][site], abs=1e-6)
     assert auc_prob == pytest.approx(auc_raw, abs=1e-12)
-    personal_val = [r["evaluate"][site]["personal"][contract.VAL_AUC] for r in rows]
-    assert pers["rounds"][site] == 1 + max(range(len(rows)), key=lambda i: (personal_val[i], -i))
+    assert pers["test_auc"][site] == pytest.approx(rows[-1]["evaluate"][site]["personal"][contract.TEST_AUC])
+
+
+def test_personal_model_of_the_sites_best_validation_round(tiny, tmp_path):
+    """federation.personal_round: best_validation: each site keeps the round of its best own validation AUC."""
+    rc = _run_config(tiny, tmp_path, rounds=3, **{"federation.personal_round": "best_validation"})
+    cfg, opts = split_run_config(rc)
+    result = run_federation(InProcessGrid(rc, 3), cfg, opts)
+    rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    pers = result["models"]["personal_model.pt"]
+    assert "its own best validation round" in pers["label"]
+    from momkd_fed.checkpoint import load_model
+
+    chosen = []
+    for sc in cfg.sites:
+        val = [r["evaluate"][sc.name]["personal"][contract.VAL_AUC] for r in rows]
+        best = 1 + max(range(len(rows)), key=lambda i: (val[i], -i))  # ties: the earlier round
+        assert pers["rounds"][sc.name] == best and pers["val_auc"][sc.name] == pytest.approx(max(val))
+        (path,) = (tmp_path / "site_state" / sc.name).glob("*/personal_model.pt")
+        assert load_model(path)[2]["round"] == best
+        chosen.append(best)
+    assert chosen != [3, 3, 3]  # a site peaked before the last round: the rule differs from "last" here
 
 
 class CacheLosingGrid(InProcessGrid):

@@ -27,7 +27,7 @@ Site -> server, evaluate reply:
                                             the same for the personalised model (global shared weights + the
                                             site's private head and temperature) of this round, plus the round,
                                             validation and test AUC of the site's ``personal_model.pt`` (the round
-                                            it judges best on its own validation split; the file stays there).
+                                            ``federation.personal_round`` keeps; the file stays there).
     ``"calibration"`` (ArrayRecord)         :data:`CALIBRATION_RECORD`: for each head the global model trained
                                             (``heads.global_model_heads``), the (2, B) class-conditional counts of
                                             the global model's raw validation scores on the fixed bin edges of
