@@ -667,30 +667,33 @@ def personal_by_rule(r: dict) -> dict[str, dict[str, float]]:
     return out
 
 
-def personal_rule_table(task: str, by: dict, variants: list[str], allsites: list[str], histo: list[str]) -> list[str]:
-    """Markdown rows: each variant's personal classifiers under each round rule, against the centralised classifier
-    (site mean) and, for the histology-only sites, against MoMKD trained alone there."""
+def round_rule_table(task: str, by: dict, variants: list[str], allsites: list[str], histo: list[str]) -> list[str]:
+    """Markdown rows: each variant's models read at another round of the same runs. The global memory head at the
+    federation's best round (``best_model.pt``) and at the last (``global_model.pt``), against the centralised
+    memory head; the personal classifiers under each ``federation.personal_round`` rule, against the centralised
+    classifier and (histology-only sites) against MoMKD trained alone there. Site means, all sites."""
     cen, alone = by.get("centralised", {}), by.get("alone", {})
-    lines = [f"Personal models of {task.upper()} by the round each site keeps (`federation.personal_round`; the same "
-             "runs, read at another round): Δ vs the centralised classifier (site mean, all sites) / histology-only "
-             "gain over MoMKD alone; mean±std over seeds.", "",
-             "| variant | last round | own best validation round | federation's best round | seeds |",
-             "|---|---|---|---|---|"]
+    lines = [f"{task.upper()}, the same runs read at another round: Δ vs centralised (site mean, all sites; "
+             "personal classifiers: / histology-only gain over MoMKD alone), mean±std over seeds.", "",
+             "| variant | head | last round | own best validation round | federation's best round | seeds |",
+             "|---|---|---|---|---|---|"]
     for name in variants:
         runs = {s: r for s, r in by.get(name, {}).items() if s in cen and s in alone}
         if not runs:
             continue
+        mem = {k: [_site_mean(r["result"][k], "memory", allsites) - _site_mean(cen[s]["result"], "memory", allsites)
+                   for s, r in runs.items()] for k in ("global_last_round", "global")}
+        lines.append(f"| {name} | global memory head | {_fmt_d(mem['global_last_round'])} | | "
+                     f"{_fmt_d(mem['global'])} | {len(runs)} |")
         cells = []
         for rule in ("last", "best_validation", "federation_best"):
             d, g = [], []
             for s, r in runs.items():
-                pers = {k: {"classifier": v} for k, v in personal_by_rule(r)[rule].items()}
-                d.append(_site_mean({"sites": pers}, "classifier", allsites)
-                         - _site_mean(cen[s]["result"], "classifier", allsites))
-                g.append(_site_mean({"sites": pers}, "classifier", histo)
-                         - _site_mean(alone[s]["result"], "classifier", histo))
+                pers = {"sites": {k: {"classifier": v} for k, v in personal_by_rule(r)[rule].items()}}
+                d.append(_site_mean(pers, "classifier", allsites) - _site_mean(cen[s]["result"], "classifier", allsites))
+                g.append(_site_mean(pers, "classifier", histo) - _site_mean(alone[s]["result"], "classifier", histo))
             cells.append(f"{_fmt_d(d)} / {_fmt_d(g)}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs)} |")
+        lines.append(f"| {name} | personal classifiers | " + " | ".join(cells) + f" | {len(runs)} |")
     return lines + [""]
 
 
@@ -765,7 +768,7 @@ def fed_variant_tables(rows: list[dict], genomic: dict[str, list[str]], histo: d
                 lines.append(f"| {name} | {s} | {h_all['memory_pooled']:.3f} / {h_all['memory_sites']:.3f} | "
                              f"{h_all['classifier_sites']:.3f} / {h_his['classifier_sites']:.3f} | {br} |")
         lines.append("")
-        lines += personal_rule_table(task, by, variants, allsites, histo[task])
+        lines += round_rule_table(task, by, variants, allsites, histo[task])
     return "\n".join(lines)
 
 
