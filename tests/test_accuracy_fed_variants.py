@@ -78,3 +78,25 @@ def test_variant_definitions_and_run_claims(tmp_path):
     assert accuracy._claim(claim) and claim.read_text() == str(os.getpid())
     claim.write_text(str(os.getppid()))  # a live process's claim is respected
     assert not accuracy._claim(claim)
+
+
+def test_round_rule_table_reads_every_rule_against_centralised_and_alone():
+    def fed(seed, last, best, own, mem_best, mem_last):
+        return {"task": "odx", "seed": seed, "setting": "federated", "variant": "default", "result": {
+            "global": {"sites": {"g": {"memory": mem_best}, "h": {"memory": mem_best}}},
+            "global_last_round": {"sites": {"g": {"memory": mem_last}, "h": {"memory": mem_last}}},
+            "personal": {"sites": {"g": {"classifier": last}, "h": {"classifier": last}},
+                         "at_own_best_val": {"g": own, "h": own}, "at_best_round": {"g": best, "h": best},
+                         "at_last_round": {"g": last, "h": last}}}}
+
+    cen = {"sites": {"g": {"classifier": 0.8, "memory": 0.7}, "h": {"classifier": 0.8, "memory": 0.7}}}
+    alone = {"sites": {"h": {"classifier": 0.5}}}
+    by = {"default": {0: fed(0, 0.75, 0.70, 0.60, 0.68, 0.66), 1: fed(1, 0.87, 0.80, 0.70, 0.72, 0.70)},
+          "centralised": {0: {"result": cen}, 1: {"result": cen}}, "alone": {0: {"result": alone}, 1: {"result": alone}}}
+    lines = accuracy.round_rule_table("odx", by, ["default"], ["g", "h"], ["h"])
+    mem = next(line for line in lines if line.startswith("| default | global memory head"))
+    pers = next(line for line in lines if line.startswith("| default | personal classifiers"))
+    assert mem == "| default | global memory head | -0.020±0.028 | | +0.000±0.028 | 2 |"
+    # personal: last -0.05, +0.07 (gains +0.25, +0.37); own val -0.2, -0.1; federation's best -0.1, 0.0
+    assert pers == ("| default | personal classifiers | +0.010±0.085 / +0.310±0.085 | -0.150±0.071 / +0.150±0.071 "
+                    "| -0.050±0.071 / +0.250±0.071 | 2 |")
