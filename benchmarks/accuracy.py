@@ -470,7 +470,10 @@ def personal_classifier_aucs(run_dir: Path, best_round: int | None) -> dict:
 
 
 def run_fed_variant(cfg: Config, out: Path) -> dict:
-    """One federated MoMKD run with the config as given (default sharing): the product heads' test AUCs."""
+    """One federated MoMKD run with the config as given: the product heads' test AUCs (the global model's trained
+    heads: the memory head, and the classifier where ``federation.shared`` shares it)."""
+    from momkd_fed.heads import TRAINED, global_model_heads
+    from momkd_fed.run_log import read_rounds
     from server.simulate import run_simulation
 
     status, summary = run_simulation(cfg, out)
@@ -479,14 +482,17 @@ def run_fed_variant(cfg: Config, out: Path) -> dict:
     best_round = summary.get("best", {}).get("round")
     glob = evaluate_checkpoint(out / "best_model.pt", cfg, cfg.sites)
     last = evaluate_checkpoint(out / "global_model.pt", cfg, cfg.sites)
-    keep_memory = lambda res: {"sites": {s: {"memory": v["memory"], "n": v["n"]} for s, v in res["sites"].items()},
-                               "pooled": {"memory": res["pooled"]["memory"]}}  # noqa: E731
-    from momkd_fed.run_log import read_rounds
+    heads = [h for h, state in global_model_heads(cfg).items() if state == TRAINED]  # an untrained head: not read
+
+    def keep_trained(res: dict) -> dict:
+        return {"sites": {s: {**{h: v[h] for h in heads}, "n": v["n"]} for s, v in res["sites"].items()},
+                "pooled": {h: res["pooled"][h] for h in heads}}
 
     curve = [{"round": r["round"], "val_pooled": r["val_auc"]["pooled"], "memory_test": r["test_auc"]["pooled"],
               "personal_test": r["test_auc_personal"]["pooled"], "seconds": r["seconds"].get("total")}
-             for r in read_rounds(out)]  # slide-weighted means of the sites' AUCs, per round
-    return {"global": keep_memory(glob), "global_last_round": keep_memory(last), "best_round": best_round,
+             for r in read_rounds(out)]  # slide-weighted means of the sites' AUCs, per round ("memory_test": the
+    # global model's primary head, its classifier where shared)
+    return {"global": keep_trained(glob), "global_last_round": keep_trained(last), "best_round": best_round,
             "rounds_completed": summary.get("rounds_completed"), "curve": curve,
             "personal": personal_classifier_aucs(out, best_round),
             "seconds_federation": summary.get("seconds")}
