@@ -100,6 +100,8 @@ FED_VARIANTS: dict[str, dict] = {
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
     "steps32": {"federation.local_steps": 32},
     "reset_opt": {"federation.reset_optimizer": True},
+    # both of the two that each moved ODX up a little (benchmarks/README.md Run 6)
+    "reset_mem0": {"federation.reset_optimizer": True, "federation.slot_momentum": 0.0},
     # the memory fixed within a round at every site (ema mode, local momentum 1): all sites' encoders are trained
     # against the same target, and the server alone moves it, from the merged assigned means (patches + genomics)
     "mem_round_frozen": {"memory.update": "ema", "memory.momentum": 1.0},
