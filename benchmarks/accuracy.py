@@ -459,11 +459,11 @@ def personal_classifier_aucs(run_dir: Path, best_round: int | None) -> dict:
                 chosen, best = r, v
         out["at_own_best_val"][site] = pers(chosen, site, "test_auc")
         out["own_best_val_round"][site] = chosen["round"]
-        last = [r for r in rows if pers(r, site, contract.PERSONAL_FILE_ROUND) > 0]
-        if last:
-            out["sites"][site] = {"classifier": pers(last[-1], site, contract.PERSONAL_FILE_TEST_AUC),
-                                  "round": int(pers(last[-1], site, contract.PERSONAL_FILE_ROUND)),
-                                  "val_auc": pers(last[-1], site, contract.PERSONAL_FILE_VAL_AUC)}
+        last = next((r for r in reversed(rows) if pers(r, site, contract.PERSONAL_FILE_ROUND) > 0), None)
+        if last is not None:
+            out["sites"][site] = {"classifier": pers(last, site, contract.PERSONAL_FILE_TEST_AUC),
+                                  "round": int(pers(last, site, contract.PERSONAL_FILE_ROUND)),
+                                  "val_auc": pers(last, site, contract.PERSONAL_FILE_VAL_AUC)}
     by_round = {r["round"]: r for r in rows}
     best_row = by_round.get(best_round or -1, rows[-1])
     out["at_best_round"] = {s: pers(best_row, s, "test_auc") for s in sites}
@@ -698,7 +698,8 @@ def round_rule_table(task: str, by: dict, variants: list[str], allsites: list[st
             d, g = [], []
             for s, r in runs.items():
                 pers = {"sites": {k: {"classifier": v} for k, v in personal_by_rule(r)[rule].items()}}
-                d.append(_site_mean(pers, "classifier", allsites) - _site_mean(cen[s]["result"], "classifier", allsites))
+                d.append(_site_mean(pers, "classifier", allsites)
+                         - _site_mean(cen[s]["result"], "classifier", allsites))
                 g.append(_site_mean(pers, "classifier", histo) - _site_mean(alone[s]["result"], "classifier", histo))
             cells.append(f"{_fmt_d(d)} / {_fmt_d(g)}")
         lines.append(f"| {name} | personal classifiers | " + " | ".join(cells) + f" | {len(runs)} |")

@@ -92,7 +92,8 @@ def test_round_rule_table_reads_every_rule_against_centralised_and_alone():
     cen = {"sites": {"g": {"classifier": 0.8, "memory": 0.7}, "h": {"classifier": 0.8, "memory": 0.7}}}
     alone = {"sites": {"h": {"classifier": 0.5}}}
     by = {"default": {0: fed(0, 0.75, 0.70, 0.60, 0.68, 0.66), 1: fed(1, 0.87, 0.80, 0.70, 0.72, 0.70)},
-          "centralised": {0: {"result": cen}, 1: {"result": cen}}, "alone": {0: {"result": alone}, 1: {"result": alone}}}
+          "centralised": {0: {"result": cen}, 1: {"result": cen}},
+          "alone": {0: {"result": alone}, 1: {"result": alone}}}
     lines = accuracy.round_rule_table("odx", by, ["default"], ["g", "h"], ["h"])
     mem = next(line for line in lines if line.startswith("| default | global memory head"))
     pers = next(line for line in lines if line.startswith("| default | personal classifiers"))
