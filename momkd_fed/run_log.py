@@ -24,7 +24,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,21 +98,16 @@ def append_round(run_dir: str | Path, row: Mapping[str, Any]) -> None:
 
 def read_rounds(run_dir: str | Path) -> list[dict]:
     """All complete rows of ``rounds.jsonl`` (a trailing partial line is ignored); [] if absent."""
-    return list(iter_rounds(Path(run_dir) / ROUNDS_FILE))
+    return [json.loads(line) for line in _complete_lines(Path(run_dir) / ROUNDS_FILE)]
 
 
-def iter_rounds(path: Path, start: int = 0) -> Iterator[dict]:
-    """Rows of a rounds file from byte offset ``start``; only newline-terminated lines are parsed."""
-    if not path.is_file():
-        return
-    with open(path, "rb") as f:
-        f.seek(start)
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            text = raw.decode().strip()
-            if text:
-                yield json.loads(text)
+def _complete_lines(path: Path) -> list[bytes]:
+    """The non-blank newline-terminated lines of ``path``, read at once (a row still being written is left out)."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return []
+    return [line for line in data[:data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
 
 
 class RoundsFollower:
@@ -127,17 +122,10 @@ class RoundsFollower:
 
     def __init__(self, path: Path, skip_existing: bool = False):
         self.path = Path(path)
-        self.seen: set[bytes] = set(self._complete_lines()) if skip_existing else set()
-
-    def _complete_lines(self) -> list[bytes]:
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        return [line for line in data[:data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
+        self.seen: set[bytes] = set(_complete_lines(self.path)) if skip_existing else set()
 
     def new_rows(self) -> list[dict]:
-        fresh = [line for line in self._complete_lines() if line not in self.seen]
+        fresh = [line for line in _complete_lines(self.path) if line not in self.seen]
         self.seen.update(fresh)
         return [json.loads(line) for line in fresh]
 
