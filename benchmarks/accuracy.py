@@ -99,6 +99,10 @@ FED_VARIANTS: dict[str, dict] = {
     # the classifier head and its temperature averaged too: every site's classifier is then the global one
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},
     "steps32": {"federation.local_steps": 32},
+    # a step budget instead of whole epochs: every site the same steps per round (128 ~ the default's total steps
+    # and averaged movement per round here), so the average weighs sites by slides (n_k), not n_k^2
+    "budget128": {"federation.local_steps": 128},
+    "budget64r30": {"federation.local_steps": 64, "federation.rounds": 30},  # half the drift, twice the rounds
     "reset_opt": {"federation.reset_optimizer": True},
     # both of the two that each moved ODX up a little (benchmarks/README.md Run 6)
     "reset_mem0": {"federation.reset_optimizer": True, "federation.slot_momentum": 0.0},

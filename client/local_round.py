@@ -100,7 +100,7 @@ def _stats(rt: SiteRuntime, g: GlobalModel) -> tuple[np.ndarray | None, np.ndarr
 def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, local_epochs: int,
                 clock: PhaseClock | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
-    """Train locally for ``local_epochs`` (at most ``federation.local_steps`` slides when that is set), save the
+    """Train locally for ``local_epochs`` (exactly ``federation.local_steps`` slides when that is set), save the
     new private state, build the reply (privacy applied). ``clock``: notes ``model``, ``first_step``, ``trained``
     and ``validated`` (:mod:`client.timings`).
 
@@ -152,8 +152,9 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
     on_step = _slot_recorder(model, acc) if acc is not None else None
     if clock is not None:
         on_step = _with_clock(on_step, clock)
-    epochs = max(1, local_epochs)
     budget = fed.local_steps if fed.local_steps > 0 else None  # steps left this round (None: whole epochs)
+    # a step budget is met exactly: a site with fewer training slides draws epoch after epoch
+    epochs = max(1, local_epochs) if budget is None else -(-budget // len(train_bags))
     for _ in range(epochs):
         out = train_epoch(model, train_bags, optimizer, cfg, generator=gen, device=rt.device, on_step=on_step,
                           after_backward=prox.add_grad if prox is not None else None, max_steps=budget)

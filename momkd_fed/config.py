@@ -126,7 +126,7 @@ class FederationConfig:
 
     rounds: int = 10  # federated rounds
     local_epochs: int = 1  # local epochs per round
-    local_steps: int = 0  # cap on a site's optimiser steps per round (slides; 0 = local_epochs whole epochs)
+    local_steps: int = 0  # a site's optimiser steps per round, epoch after epoch (slides; 0 = local_epochs epochs)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # local lr across rounds: train.lr, or cosine decay
     lr_final_factor: float = 0.1  # cosine: the last round's lr is train.lr times this
     prox_mu: float = 0.0  # FedProx: (mu/2)*||w - w_global||^2 on the shared weights in every local step (0 = off)
