@@ -288,3 +288,27 @@ def test_site_optimizer_steps_follow_the_budget_and_the_reset(tiny, tmp_path):
         st = load_site_state(state_dir, 3)
         steps[reset] = {float(s["step"]) for s in st.optimizer["state"].values()}
     assert steps == {True: {4.0}, False: {8.0}}
+
+
+def test_a_budget_above_a_sites_slides_is_met_epoch_after_epoch(tiny, tmp_path):
+    """``local_steps`` is the round's exact step count: a site with fewer training slides goes round its slides
+    again (every site's AdamW counts the budget), and its averaging weight stays its training slides."""
+    import json
+
+    from client.run_config import split_run_config
+    from client.site_state import load_site_state
+    from server.rounds import run_federation
+
+    rc0 = _run_config(tiny, tmp_path / "probe", rounds=1)
+    cfg0, _ = split_run_config(rc0)
+    n_train = {s.name: len(_train_slides(cfg0, s.name)) for s in cfg0.sites}
+    budget = 2 * max(n_train.values()) + 1  # more than two epochs at every site
+    out = tmp_path / "run"
+    rc = _run_config(tiny, out, rounds=1, **{"federation.local_steps": budget})
+    cfg, opts = split_run_config(rc)
+    run_federation(InProcessGrid(rc, 3), cfg, opts)
+    for site in n_train:
+        st = load_site_state(next((out / "site_state" / site).iterdir()), 2)
+        assert {float(s["step"]) for s in st.optimizer["state"].values()} == {float(budget)}, site
+    (row,) = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert {site: m["num-examples"] for site, m in row["train"].items()} == n_train
