@@ -147,6 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-slides-per-site", type=int, default=None, help="cohort size cap per site (0 = all)")
     p.add_argument("--median-patches", type=int, default=None, help="synthetic median bag size")
     p.add_argument("--max-patches", type=int, default=None, help="synthetic largest bag")
+    p.add_argument("--cohort-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="synthetic cohort field (momkd_fed.synth: preset or histology), e.g. site_shift_norm=0 "
+                        "for a cohort without that site effect (repeatable; the cohort is cached per setting)")
     p.add_argument("--epochs", type=int, default=None, help="pooled/local training epochs")
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience (epochs)")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds")
@@ -270,6 +273,9 @@ def cohort(a: argparse.Namespace, task: str) -> Path:
     from momkd_fed.synth import synthesize
 
     hist = {k: v for k, v in (("median_patches", a.median_patches), ("max_patches", a.max_patches)) if v}
+    for item in a.cohort_set:
+        key, _, value = item.partition("=")
+        hist[key.strip()] = _value(value)
     settings = {"task": task, "seed": a.data_seed, "max_slides_per_site": a.max_slides_per_site, **hist}
     tag = "-".join(f"{k}{v}" for k, v in settings.items() if k not in ("task",))
     out = Path(a.out) / "data" / f"{task}-{tag}"
@@ -969,7 +975,8 @@ def report(a, argv, rows, genomic, histo, seconds) -> str:
     except OSError:
         pass
     settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "models",
-                                            "histology_only", "set", "max_slides_per_site", "median_patches",
+                                            "histology_only", "set", "cohort_set", "max_slides_per_site",
+                                            "median_patches",
                                             "max_patches", "epochs", "patience", "rounds", "local_epochs", "lr",
                                             "precision", "threads", "model_config")}
     run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
