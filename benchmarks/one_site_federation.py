@@ -46,6 +46,9 @@ SITE = "all_sites"
 def merge_cohort(yaml_path: Path, out: Path) -> Path:
     """Write ``out/federation.yaml``: the cohort's sites as one site (manifests and genomics concatenated,
     feature files linked). Returns its path."""
+    path = out / "federation.yaml"
+    if path.is_file():  # written last: the merge is complete (and the same for every seed and process)
+        return path
     src = yaml.safe_load(yaml_path.read_text())
     root = yaml_path.parent
     shutil.rmtree(out, ignore_errors=True)
@@ -68,8 +71,9 @@ def merge_cohort(yaml_path: Path, out: Path) -> Path:
     merged = {k: v for k, v in src.items() if k != "sites"}
     merged["federation"] = {**(merged.get("federation") or {}), "min_sites": 1}
     merged["sites"] = [site]
-    path = out / "federation.yaml"
-    path.write_text(yaml.safe_dump(merged, sort_keys=False))
+    tmp = out / "federation.yaml.part"
+    tmp.write_text(yaml.safe_dump(merged, sort_keys=False))
+    tmp.replace(path)
     return path
 
 
