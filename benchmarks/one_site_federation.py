@@ -4,7 +4,8 @@ A diagnostic of where the federated-vs-centralised gap of ``accuracy.py --fed-va
 site, averaging is the identity: what is left of the federation is its machinery (rounds as epochs with a fresh
 sampling seed each, the site's AdamW state carried across rounds, the server's memory merge with
 ``federation.slot_momentum``, the k-means set-up exchange, the round picked on pooled validation, the personal
-model file). If this run matches centralised MoMKD on the same slides, the gap comes from training at several
+model file, kept here at the site's best validation round, i.e. the pooled validation split's, as the
+centralised run keeps its best epoch). If this run matches centralised MoMKD on the same slides, the gap comes from training at several
 sites and averaging; if not, from the machinery.
 
 The merged site's manifest is the sites' manifests one after another (their ``split`` column kept: the same
@@ -97,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in a.seeds:
             if (task, seed) in done:
                 continue
-            cfg = acc.with_overrides(load_config(merged_yaml), {**ov, "train.seed": seed, "federation.min_sites": 1})
+            # the one site's own validation split is the pooled one: its personal model is kept at its best
+            # validation round, as the centralised run keeps its best epoch
+            cfg = acc.with_overrides(load_config(merged_yaml), {**ov, "train.seed": seed, "federation.min_sites": 1,
+                                                               "federation.personal_round": "best_validation"})
             sites = acc.with_overrides(load_config(original), {**ov, "train.seed": seed}).sites
             run_dir = out / "runs" / task / f"seed{seed}" / "one-site-federation"
             shutil.rmtree(run_dir, ignore_errors=True)
