@@ -4,9 +4,9 @@ A diagnostic of where the federated-vs-centralised gap of ``accuracy.py --fed-va
 site, averaging is the identity: what is left of the federation is its machinery (rounds as epochs with a fresh
 sampling seed each, the site's AdamW state carried across rounds, the server's memory merge with
 ``federation.slot_momentum``, the k-means set-up exchange, the round picked on pooled validation, the personal
-model file, kept here at the site's best validation round, i.e. the pooled validation split's, as the
-centralised run keeps its best epoch). If this run matches centralised MoMKD on the same slides, the gap comes from training at several
-sites and averaging; if not, from the machinery.
+model file, kept here at the site's best validation round: the pooled validation split's, as the centralised
+run keeps its best epoch). If this run matches centralised MoMKD on the same slides, the gap comes from training
+at several sites and averaging; if not, from the machinery.
 
 The merged site's manifest is the sites' manifests one after another (their ``split`` column kept: the same
 train / validation / test slides as the original cohort), its genomics the paired sites' files concatenated (the
