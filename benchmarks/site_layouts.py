@@ -79,8 +79,9 @@ def relayout(yaml_path: Path, out: Path, layout: str) -> Path:
     slides = pd.concat(manifests, ignore_index=True)
     if layout == "one_site":
         parts = {ONE_SITE: slides}
-    else:  # whole cases dealt at random, each to the site with the most room left, to the original sizes
-        rng = np.random.default_rng(LAYOUT_SEED)
+    else:  # whole cases in random order, each to the site with the most room left relative to its size: the
+        rng = np.random.default_rng(LAYOUT_SEED)  # original manifests' sizes (to within a case's slides)
+        count = slides["case_id"].value_counts()
         cases = list(dict.fromkeys(slides["case_id"]))
         rng.shuffle(cases)
         room = dict(sizes)
@@ -88,7 +89,7 @@ def relayout(yaml_path: Path, out: Path, layout: str) -> Path:
         for c in cases:
             site = max(room, key=lambda k: room[k] / sizes[k])
             owner[c] = site
-            room[site] -= int((slides["case_id"] == c).sum())
+            room[site] -= int(count[c])
         parts = {name: slides[slides["case_id"].map(owner) == name] for name in sizes}
     omics_rel = ""
     if omics:
