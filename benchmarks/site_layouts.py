@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     rows_path = out / "site_layouts.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.is_file() else []
     done = {(r["layout"], r["task"], r["seed"]) for r in rows if r.get("overrides") == json.loads(json.dumps(ov))}
-    central = {(r["task"], r["seed"]): r for r in acc._read_rows(out / "results.jsonl", ov)
-               if r.get("variant") == "centralised" and "result" in r}
+    results = [r for r in acc._read_rows(out / "results.jsonl", ov) if "result" in r]
     from server.simulate import run_simulation
 
     for task in a.tasks:
@@ -156,32 +155,45 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps(row) + "\n")
             log.info("%s seed %d %s: global memory head %.3f (round %s), site mean", task, seed, layout,
                      site_mean(row["global"], "memory"), row["best_round"])
-    report(rows_path, central, ov)
+    report(rows_path, results, ov, a.tasks)
     return 0
 
 
-def report(rows_path: Path, central: dict, ov: dict) -> None:
-    """Per seed and layout: the global memory head (and the one site's classifier) against centralised."""
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
-    rows = [r for r in rows if r.get("overrides") == json.loads(json.dumps(ov))]
-    print("| layout | task | seed | global memory head | centralised memory head | Δ | personal classifier "
-          "| centralised classifier | Δ | best round |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+def report(rows_path: Path, results: list[dict], ov: dict, tasks: list[str]) -> None:
+    """Per seed: the global memory head of each layout and of the preset's own federation (``accuracy.py``'s
+    ``default`` rows) against centralised, as site means and over all test slides pooled; the personal classifiers
+    (the one site's; the preset's sites', as ``federation.personal_round`` keeps them) against the centralised
+    classifier."""
+    central = {(r["task"], r["seed"]): r["result"] for r in results if r.get("variant") == "centralised"}
+    rows = [r for r in map(json.loads, rows_path.read_text().splitlines())
+            if r.get("overrides") == json.loads(json.dumps(ov))]
+    rows += [{"layout": "regions (the preset)", "task": r["task"], "seed": r["seed"], "global": r["result"]["global"],
+              "best_round": r["result"].get("best_round"),  # the sites' personal files, as the default keeps them:
+              "personal_file": {"sites": {s: {"classifier": v}
+                                          for s, v in acc.personal_by_rule(r)[acc.personal_rule(r)].items()}}}
+             for r in results if r.get("variant") == "default" and r.get("setting") == "federated"]
+    rows = [r for r in rows if (r["task"], r["seed"]) in central and r["task"] in tasks]
+    print("| layout | task | seed | global memory head, site mean / pooled | Δ vs centralised memory head "
+          "| personal classifier, site mean | Δ vs centralised classifier | best round |")
+    print("|---|---|---|---|---|---|---|---|")
     deltas: dict[tuple, list] = {}
-    for r in sorted(rows, key=lambda r: (r["layout"], r["task"], r["seed"])):
-        c = central.get((r["task"], r["seed"]))
-        cm = site_mean(c["result"], "memory") if c else math.nan
-        cc = site_mean(c["result"], "classifier") if c else math.nan
-        m = site_mean(r["global"], "memory")
-        p = site_mean(r["personal_file"], "classifier") if "personal_file" in r else math.nan
-        deltas.setdefault((r["layout"], r["task"]), []).append((m - cm, p - cc))
-        print(f"| {r['layout']} | {r['task']} | {r['seed']} | {m:.3f} | {cm:.3f} | {m - cm:+.3f} | {p:.3f} | {cc:.3f} "
-              f"| {p - cc:+.3f} | {r['best_round']} |")
-    for (layout, task), d in deltas.items():
+    for r in sorted(rows, key=lambda r: (r["task"], r["layout"], r["seed"])):
+        c = central[(r["task"], r["seed"])]
+        dm = site_mean(r["global"], "memory") - site_mean(c, "memory")
+        dp = r["global"]["pooled"]["memory"] - c["pooled"]["memory"]
+        dc = site_mean(r["personal_file"], "classifier") - site_mean(c, "classifier") \
+            if "personal_file" in r else math.nan
+        deltas.setdefault((r["task"], r["layout"]), []).append((dm, dp, dc))
+        pc = f"{site_mean(r['personal_file'], 'classifier'):.3f} | {dc:+.3f}" if "personal_file" in r else "n/a | n/a"
+        print(f"| {r['layout']} | {r['task']} | {r['seed']} | {site_mean(r['global'], 'memory'):.3f} / "
+              f"{r['global']['pooled']['memory']:.3f} | {dm:+.3f} / {dp:+.3f} | {pc} | {r['best_round']} |")
+    print()
+    for (task, layout), d in deltas.items():
         d = np.array(d)
-        sd = d.std(axis=0, ddof=1) if len(d) > 1 else np.full(2, math.nan)
-        print(f"\n{layout} {task}: Δ memory head {d[:, 0].mean():+.3f}±{sd[0]:.3f}, Δ classifier "
-              f"{d[:, 1].mean():+.3f}±{sd[1]:.3f} (site means, mean±std over {len(d)} seeds)")
+        sd = d.std(axis=0, ddof=1) if len(d) > 1 else np.full(3, math.nan)
+        clf = f", Δ classifier {d[:, 2].mean():+.3f}±{sd[2]:.3f}" if not np.isnan(d[:, 2]).any() else ""
+        print(f"- {task}, {layout}: Δ memory head {d[:, 0].mean():+.3f}±{sd[0]:.3f} (site mean), "
+              f"{d[:, 1].mean():+.3f}±{sd[1]:.3f} (pooled){clf}; mean±std over {len(d)} seeds")
 
 
 if __name__ == "__main__":
