@@ -24,6 +24,7 @@ each ORIGINAL site's test slides and compared, seed by seed, with the centralise
     python benchmarks/accuracy.py --medium --fed-variants default --tasks odx --seeds 0,1,2,3,4 --out runs/fedgap
     python benchmarks/site_layouts.py --medium --layout one_site --tasks odx --seeds 0,1,2,3,4 --out runs/fedgap
     python benchmarks/site_layouts.py --medium --layout iid --tasks odx --seeds 0,1,2,3,4 --out runs/fedgap
+    python benchmarks/site_layouts.py --medium --layout one_site --layout-set federation.slot_momentum=0 ...
 
 Resumable: a (layout, task, seed) that ``site_layouts.jsonl`` holds is not run again.
 """
@@ -116,14 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--layout", choices=LAYOUTS, required=True)
+    pre.add_argument("--layout-set", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override of the layout's runs only (the centralised rows stay the reference)")
     known, rest = pre.parse_known_args(argv)
     layout = known.layout
+    lov = {k.strip(): acc._value(v) for k, _, v in (item.partition("=") for item in known.layout_set)}
+    tag = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in sorted(lov.items()))
     a = acc.parse_args(rest)  # accuracy.py's options: --medium, --tasks, --seeds, --out, --set, ...
     out = Path(a.out).resolve()
     ov = acc.model_overrides(a)
     rows_path = out / "site_layouts.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.is_file() else []
-    done = {(r["layout"], r["task"], r["seed"]) for r in rows if r.get("overrides") == json.loads(json.dumps(ov))}
+    done = {(r["layout"], r["task"], r["seed"], json.dumps(r.get("layout_overrides", {}), sort_keys=True))
+            for r in rows if r.get("overrides") == json.loads(json.dumps(ov))}
     results = [r for r in acc._read_rows(out / "results.jsonl", ov) if "result" in r]
     from server.simulate import run_simulation
 
@@ -131,20 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         original = acc.cohort(a, task)
         new_yaml = relayout(original, out / "data" / f"{task}-{layout}", layout)
         for seed in a.seeds:
-            if (layout, task, seed) in done:
+            if (layout, task, seed, json.dumps(lov, sort_keys=True)) in done:
                 continue
-            over = {**ov, "train.seed": seed}
+            over = {**ov, "train.seed": seed, **lov}
             if layout == "one_site":  # its own validation split is the pooled one: the centralised rule
                 over["federation.personal_round"] = "best_validation"
             cfg = acc.with_overrides(load_config(new_yaml), over)
             sites = acc.with_overrides(load_config(original), {**ov, "train.seed": seed}).sites
-            run_dir = out / "runs" / task / f"seed{seed}" / f"layout-{layout}"
+            run_dir = out / "runs" / task / f"seed{seed}" / f"layout-{layout}{tag}"
             shutil.rmtree(run_dir, ignore_errors=True)
             t0 = time.perf_counter()
             status, summary = run_simulation(cfg, run_dir)
             if summary is None:
                 raise RuntimeError(f"{task} seed {seed} {layout}: the federation did not complete ({status})")
-            row = {"layout": layout, "task": task, "seed": seed, "overrides": ov,
+            row = {"layout": layout, "task": task, "seed": seed, "overrides": ov, "layout_overrides": lov,
                    "best_round": summary.get("best", {}).get("round"),
                    "global": acc.evaluate_checkpoint(run_dir / "best_model.pt", cfg, sites)}
             if layout == "one_site":  # the one site's personal model, on the original sites' test slides
@@ -167,6 +173,8 @@ def report(rows_path: Path, results: list[dict], ov: dict, tasks: list[str]) -> 
     central = {(r["task"], r["seed"]): r["result"] for r in results if r.get("variant") == "centralised"}
     rows = [r for r in map(json.loads, rows_path.read_text().splitlines())
             if r.get("overrides") == json.loads(json.dumps(ov))]
+    for r in rows:  # a layout run with overrides of its own is a layout of its own in the tables
+        r["layout"] += "".join(f", {k}={v}" for k, v in sorted(r.get("layout_overrides", {}).items()))
     rows += [{"layout": "regions (the preset)", "task": r["task"], "seed": r["seed"], "global": r["result"]["global"],
               "best_round": r["result"].get("best_round"),  # the sites' personal files, as the default keeps them:
               "personal_file": {"sites": {s: {"classifier": v}
