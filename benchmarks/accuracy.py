@@ -94,7 +94,9 @@ FED_VARIANTS: dict[str, dict] = {
     "fedadam": {"federation.server_optimizer": "fedadam", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "fedyogi": {"federation.server_optimizer": "fedyogi", "federation.server_lr": 1e-3, "federation.server_tau": 1e-4},
     "cosine": {"federation.lr_schedule": "cosine"},
-    "mem_mom0": {"federation.slot_momentum": 0.0},  # the merged slots taken whole, as the encoders' average is
+    # the merged slots taken whole, as the encoders' average is: the default since Run 7 (benchmarks/README.md)
+    "mem_mom0": {"federation.slot_momentum": 0.0},
+    "slot_mom0.5": {"federation.slot_momentum": 0.5},  # the default before Run 7: half the old slots kept each round
     "lr2x": {"train.lr": 4e-4},  # twice the local lr (the centralised reference keeps the config's)
     # the classifier head and its temperature averaged too: every site's classifier is then the global one
     "clf_shared": {"federation.shared": _DEFAULT_SHARED + ["classifier.", "log_tau"]},

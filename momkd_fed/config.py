@@ -140,7 +140,7 @@ class FederationConfig:
     server_beta2: float = 0.99  # FedAdam/FedYogi second-moment decay (Flower's default)
     server_tau: float = 1e-3  # FedAdam/FedYogi adaptivity (Flower's default)
     memory_momentum: float = 0.5  # ema mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged assigned means)
-    slot_momentum: float = 0.5  # gradient mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged trained slots)
+    slot_momentum: float = 0.0  # gradient mode: mu_s in C <- normalise(mu_s*C + (1-mu_s)*merged trained slots)
     shared: list[str] = field(  # state-dict key prefixes that leave a site (averaged)
         default_factory=lambda: ["histology_encoder.", "patch_proj.", "slide_proj.", "omics_encoder.", "omics_proj."]
     )
