@@ -243,10 +243,13 @@ def model_overrides(a: argparse.Namespace) -> dict:
                "federation.client_cpus": 1.0})
     if a.lr is not None:
         ov["train.lr"] = a.lr
-    for item in a.set:
-        key, _, value = item.partition("=")
-        ov[key.strip()] = _value(value)
+    ov.update(key_values(a.set))
     return ov
+
+
+def key_values(items: list[str]) -> dict:
+    """``["KEY=VALUE", ...]`` (``--set``, ``--cohort-set``) as a dict, the values read by :func:`_value`."""
+    return {key.strip(): _value(value) for key, _, value in (item.partition("=") for item in items)}
 
 
 def _value(text: str):
@@ -275,9 +278,7 @@ def cohort(a: argparse.Namespace, task: str) -> Path:
     from momkd_fed.synth import synthesize
 
     hist = {k: v for k, v in (("median_patches", a.median_patches), ("max_patches", a.max_patches)) if v}
-    for item in a.cohort_set:
-        key, _, value = item.partition("=")
-        hist[key.strip()] = _value(value)
+    hist.update(key_values(a.cohort_set))
     settings = {"task": task, "seed": a.data_seed, "max_slides_per_site": a.max_slides_per_site, **hist}
     tag = "-".join(f"{k}{v}" for k, v in settings.items() if k not in ("task",))
     out = Path(a.out) / "data" / f"{task}-{tag}"
@@ -562,11 +563,15 @@ def _row_key(r: dict) -> tuple:
 NOT_TRAINING = ("federation.personal_round",)
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """A short hash of every setting of ``cfg`` except the site paths (the cohort is named by --out and the task)."""
+def config_fingerprint(cfg: Config, setting: str = "federated") -> str:
+    """A short hash of every setting of ``cfg`` except the site paths (the cohort is named by --out and the task)
+    and, for a run that is not federated (``setting`` ``pooled`` or ``alone``), the ``federation.*`` settings: a
+    changed federation default does not rerun the centralised reference."""
     import hashlib
 
-    flat = {k: v for k, v in to_flat(cfg).items() if k != "sites" and k not in NOT_TRAINING}
+    local = setting != "federated"
+    flat = {k: v for k, v in to_flat(cfg).items()
+            if k != "sites" and k not in NOT_TRAINING and not (local and k.startswith("federation."))}
     return hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -605,7 +610,8 @@ def main_fed_variants(a: argparse.Namespace, argv: list[str] | None) -> int:
             seeded = with_overrides(base, {"train.seed": seed})
             for setting, variant, vov, cfg in fed_variant_runs(a, seeded):
                 row = {"mode": "fed-variants", "task": task, "seed": seed, "setting": setting, "model": "momkd",
-                       "variant": variant, "variant_overrides": vov, "overrides": ov, "config": config_fingerprint(cfg)}
+                       "variant": variant, "variant_overrides": vov, "overrides": ov,
+                       "config": config_fingerprint(cfg, setting)}
                 planned.append(dict(row))
                 if _is_done(row, done) or a.report_only:
                     continue
@@ -978,8 +984,8 @@ def report(a, argv, rows, genomic, histo, seconds) -> str:
         pass
     settings = {k: getattr(a, k) for k in ("tasks", "seeds", "extra_seeds", "data_seed", "parts", "models",
                                             "histology_only", "set", "cohort_set", "max_slides_per_site",
-                                            "median_patches",
-                                            "max_patches", "epochs", "patience", "rounds", "local_epochs", "lr",
+                                            "median_patches", "max_patches", "epochs", "patience", "rounds",
+                                            "local_epochs", "lr",
                                             "precision", "threads", "model_config")}
     run_minutes = sum(r.get("seconds", 0.0) for r in rows) / 60
     head = [f"Run {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cpu}, {os.cpu_count()} CPUs visible, "

@@ -81,7 +81,8 @@ def relayout(yaml_path: Path, out: Path, layout: str) -> Path:
     if layout == "one_site":
         parts = {ONE_SITE: slides}
     else:  # whole cases in random order, each to the site with the most room left relative to its size: the
-        rng = np.random.default_rng(LAYOUT_SEED)  # original manifests' sizes (to within a case's slides)
+        # original manifests' sizes (to within a case's slides)
+        rng = np.random.default_rng(LAYOUT_SEED)
         count = slides["case_id"].value_counts()
         cases = list(dict.fromkeys(slides["case_id"]))
         rng.shuffle(cases)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="config override of the layout's runs only (the centralised rows stay the reference)")
     known, rest = pre.parse_known_args(argv)
     layout = known.layout
-    lov = {k.strip(): acc._value(v) for k, _, v in (item.partition("=") for item in known.layout_set)}
+    lov = acc.key_values(known.layout_set)
     tag = "".join(f"-{k.rsplit('.', 1)[-1]}{v}" for k, v in sorted(lov.items()))
     a = acc.parse_args(rest)  # accuracy.py's options: --medium, --tasks, --seeds, --out, --set, ...
     out = Path(a.out).resolve()

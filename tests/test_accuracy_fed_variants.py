@@ -65,6 +65,13 @@ def test_a_setting_that_trains_nothing_differently_keeps_the_fingerprint():
     with_rule = accuracy.with_overrides(Config(), {"federation.personal_round": "best_validation"})
     assert with_rule.federation.personal_round == "best_validation" and accuracy.config_fingerprint(with_rule) == base
     assert accuracy.config_fingerprint(accuracy.with_overrides(Config(), {"federation.prox_mu": 0.1})) != base
+    # the centralised and alone runs: a federation setting trains nothing differently there, a training one does
+    other_fed = accuracy.with_overrides(Config(), {"federation.slot_momentum": 0.5, "federation.rounds": 3})
+    for setting in ("pooled", "alone"):
+        local = accuracy.config_fingerprint(Config(), setting)
+        assert local != base and accuracy.config_fingerprint(other_fed, setting) == local
+        assert accuracy.config_fingerprint(accuracy.with_overrides(Config(), {"train.lr": 1e-3}), setting) != local
+    assert accuracy.config_fingerprint(other_fed) != base
 
 
 def test_variant_definitions_and_run_claims(tmp_path):
