@@ -163,9 +163,7 @@ def train_round(rt: SiteRuntime, g: GlobalModel, state_dir: Path, lr: float, loc
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + (v / epochs if budget is None else v * steps)
         if budget is not None:
-            budget -= steps
-            if budget <= 0:
-                break
+            budget -= steps  # the epochs above end exactly when it is spent
     if fed.local_steps > 0:  # mean over the steps taken; the averaging weight is the site's training slides
         sums = {k: v / max(1, slides) for k, v in sums.items()}
         slides = len(train_bags)
